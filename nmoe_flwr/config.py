@@ -1,0 +1,163 @@
+"""The run config: one frozen pydantic model, parsed once at each edge.
+
+Every key has its default in ``pyproject.toml`` (``[tool.flwr.app.config]``);
+this model is the single place that says what each key means and what values
+are allowed. The ServerApp validates ``context.run_config`` before any
+training starts and the ClientApp parses the same dict, so a wrong key, type
+or value fails at once with a message naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run-config key, type or value is not allowed (message says which)."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Validated run config of the NMoE pipeline (keys are kebab-case)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+    )
+
+    # Run and outputs
+    seed: int = Field(0, ge=0)
+    run_name: str = ""  # "" -> "run-<flower run id>"
+    output_dir: str = ""  # "" -> $NMOE_OUTPUT_DIR, else ./outputs
+    stages: Literal["all", "fe"] = "all"  # "fe": stop after stage 1 (benchmarks)
+
+    # Data and partitioning (NMoE paper, Sec. IV-A)
+    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
+    data_dir: str = ""  # "" -> $NMOE_DATA_DIR, else the dataset's default folder
+    hf_dataset: str = ""  # Hugging Face data set id; needs the [hf] extra + internet
+    num_clients: int = Field(10, ge=2, le=1000)
+    train_per_client: int = Field(1000, ge=10)
+    test_per_client: int = Field(1000, ge=10)
+    partition: Literal["iid", "dominant"] = "dominant"
+    tau: float = Field(0.1, gt=0.0, lt=1.0)
+    test_distribution: Literal["same", "iid"] = "same"
+
+    # Shared training settings
+    batch_size: int = Field(128, ge=1)
+    mlp_hidden: int = Field(128, ge=1)
+    augment: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    torch_threads: int = Field(0, ge=0)  # 0 -> CPUs Flower gives each client
+    round_timeout: float = Field(3600.0, gt=0)
+
+    # Stage 1: feature extractor
+    fe_method: Literal["fedce"] = "fedce"
+    fedce_rounds: int = Field(30, ge=1)
+    fedce_local_epochs: int = Field(1, ge=1)
+    fedce_average_head: bool = True
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    # Stage 2: personalized experts on cached latents
+    expert_epochs: int = Field(30, ge=0)
+    expert_lr: float = Field(1e-3, gt=0)
+    expert_init: Literal["head", "scratch"] = "head"
+
+    # Stage 3: gate
+    gate_method: Literal["fedgate", "fedavg", "local"] = "fedgate"
+    gate_rounds: int = Field(10, ge=1)
+    gate_local_epochs: int = Field(2, ge=1)
+    gate_lr: float = Field(1e-3, gt=0)  # AdamW: biases
+    gate_muon_lr: float = Field(0.02, gt=0)  # Muon: 2-D weights
+    gate_optimizer: Literal["muon", "adamw"] = "muon"
+    gate_grad_norm: bool = True
+    gate_noise: float = Field(1.0, ge=0)
+    gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
+    top_k: int = Field(1, ge=1)
+
+    # Baselines
+    local_baseline: bool = True
+    local_epochs: int = Field(30, ge=1)
+    centralized_baseline: bool = True
+    centralized_epochs: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        n = self.num_clients
+        if self.top_k > n:
+            raise ValueError(f"top-k = {self.top_k} exceeds num-clients = {n} experts")
+        if self.gate_train_top_k > n:
+            raise ValueError(
+                f"gate-train-top-k = {self.gate_train_top_k} exceeds num-clients = {n} experts"
+            )
+        if not math.isfinite(self.round_timeout):
+            raise ValueError("round-timeout must be finite")
+        return self
+
+    @property
+    def train_k(self) -> int:
+        """Experts kept per sample while training the gate (0 means all)."""
+        return self.gate_train_top_k or self.num_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with its kebab-case keys (for results.json)."""
+        return self.model_dump(by_alias=True)
+
+
+def valid_keys() -> list[str]:
+    """All run-config keys, kebab-case, in declaration order."""
+    return [_kebab(name) for name in RunConfig.model_fields]
+
+
+def allowed_values(key: str) -> str:
+    """Human-readable description of what a key accepts, e.g. ``'0 < x < 1'``."""
+    field = RunConfig.model_fields[key.replace("-", "_")]
+    args = get_args(field.annotation)
+    if get_origin(field.annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    bounds = []
+    for m in field.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{op} {getattr(m, attr)}")
+    kind = getattr(field.annotation, "__name__", str(field.annotation))
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config into a :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        One line per problem, naming the key, the value given and what is
+        allowed; unknown keys list the valid ones.
+    """
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            if err["type"] == "extra_forbidden":
+                lines.append(
+                    f"unknown key '{key}' (value {err['input']!r}); valid keys: "
+                    + ", ".join(valid_keys())
+                )
+            elif not err["loc"]:
+                lines.append(err["msg"].removeprefix("Value error, "))
+            else:
+                lines.append(
+                    f"key '{key}' = {err['input']!r}: {err['msg']} (allowed: {allowed_values(key)})"
+                )
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None

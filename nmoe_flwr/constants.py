@@ -1,0 +1,52 @@
+"""Wire keys shared by the ServerApp, the ClientApp and the strategies.
+
+Everything that crosses a Flower message (record names, config keys, metric
+names, message types) is named here once, so that a renamed key cannot leave
+one side of the protocol behind.
+"""
+
+# --- Record names inside a RecordDict ---------------------------------------
+ARRAYS = "arrays"  # model weights (the strategies' default arrayrecord key)
+CONFIG = "config"  # per-message ConfigRecord
+METRICS = "metrics"  # per-reply MetricRecord
+EXPERT_BANK = "expert-bank"  # ArrayRecord of every client's frozen expert
+
+# --- Message types (``@app.<category>("<name>")`` on the client) -----------
+MSG_INFO = "query.info"  # node -> partition id, data sizes
+MSG_FEDCE = "train.fedce"  # stage 1: end-to-end classifier, FedAvg
+MSG_EXPERT = "train.expert"  # stage 2: personalized expert on cached latents
+MSG_EXPERT_BANK = "query.expert_bank"  # stage 3 set-up: store the frozen bank
+MSG_GATE = "train.gate"  # stage 3: gate training against the frozen bank
+MSG_LOCAL_BASELINE = "train.local_classifier"  # baseline: local data only
+MSG_EVAL_CLASSIFIER = "evaluate.classifier"  # FedCE classifier on the test set
+MSG_EVAL_NMOE = "evaluate.nmoe"  # NMoE prediction on the test set
+
+# --- Config keys sent by the server -----------------------------------------
+SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
+SHARED_PREFIXES = "shared-prefixes"  # parameter-name prefixes that are averaged
+NUM_ROUNDS = "num-rounds"  # rounds of the current stage (for LR schedules)
+
+# --- Metric keys returned by clients ----------------------------------------
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+PARTITION_ID = "partition-id"
+NUM_TRAIN = "num-train"
+NUM_TEST = "num-test"
+IN_CHANNELS = "in-channels"
+NUM_CLASSES = "num-classes"
+NUM_EXPERTS = "num-experts"
+TRAIN_LOSS = "train-loss"
+TRAIN_ACC = "train-acc"
+ACCURACY = "accuracy"
+MACRO_F1 = "macro-f1"
+ROUTED_TO_NEIGHBOUR = "routed-to-neighbour"  # share of samples sent away
+SECONDS = "seconds"  # wall time of the client's work for this message
+
+# --- node_config keys (deployment: --node-config "partition-id=0 ...") ------
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# --- Parameter-name prefixes: they decide what is aggregated ---------------
+EXTRACTOR_PREFIX = "extractor."
+HEAD_PREFIX = "head."
+GATE_SHARED_PREFIX = "shared."
+GATE_DECISION_PREFIX = "decision."

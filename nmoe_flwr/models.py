@@ -1,0 +1,287 @@
+"""Models of the Networked MoE (NMoE paper, Sec. II-III).
+
+- :class:`ResNet20` -- the shared feature extractor ``F`` (He et al. 2016,
+  CIFAR variant, option-A shortcuts, about 0.27 M parameters).
+- :class:`MLP` -- the 4-layer expert ``H_i`` / classifier head.
+- :class:`Classifier` -- ``H(F(x))``, the FedCE model of stage 1.
+- :class:`Gate` -- the gating network ``G_i``: named ``shared`` layers that
+  FedGate averages and a ``decision`` layer that stays local.
+- :func:`route` and :func:`nmoe_combine` -- the noisy top-k router and the
+  combination ``y = sum_j w_j softmax(H_j(h))`` of the picked experts.
+- :class:`CentralizedMoE` -- extractor, gate and experts in one module, the
+  paper's centralized upper bound.
+
+State-dict keys start with the names of the sub-modules (``extractor.``,
+``head.``, ``shared.``, ``decision.``); :mod:`nmoe_flwr.constants` holds these
+prefixes and the strategies aggregate by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Per-dataset pixel statistics; the extractor normalises uint8 input itself so
+# that data can stay uint8 (4x smaller) from disk to the training device.
+PIXEL_STATS: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    1: ((0.2860,), (0.3530,)),  # Fashion-MNIST
+    3: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10
+}
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an option-A (parameter-free) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            # Option A of the ResNet paper: subsample and zero-pad channels,
+            # which keeps ResNet20 at 0.27 M parameters.
+            shortcut = x[:, :, :: self.stride, :: self.stride]
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet20 feature extractor with a 64-d output.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input images (1 for Fashion-MNIST, 3 for CIFAR-10).
+
+    Notes
+    -----
+    Takes ``uint8`` (or float in [0, 255]) images of shape ``(B, C, H, W)``
+    and normalises them internally with :data:`PIXEL_STATS`; any spatial
+    size works thanks to the global average pool.
+    """
+
+    out_dim = 64
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        mean, std = PIXEL_STATS.get(in_channels, ((0.5,) * in_channels, (0.25,) * in_channels))
+        # Non-persistent: constants are not weights, so they never travel.
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers: list[nn.Module] = []
+        c_in = 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for b in range(3):
+                layers.append(_BasicBlock(c_in, c_out, stride if b == 0 else 1))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x.float() - self.mean) / self.std  # (B, C, H, W)
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layers(x)  # (B, 64, H/4, W/4)
+        return x.mean(dim=(2, 3))  # (B, 64)
+
+
+class MLP(nn.Module):
+    """4-layer perceptron used as expert and as classifier head.
+
+    ``in_dim -> hidden -> hidden -> hidden -> out_dim`` with ReLU between
+    layers; returns logits.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+
+class Classifier(nn.Module):
+    """End-to-end classifier ``H(F(x))`` (FedCE model, local baseline).
+
+    State-dict keys start with ``extractor.`` and ``head.``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.extractor = ResNet20(in_channels)
+        self.head = MLP(ResNet20.out_dim, hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.extractor(x))
+
+
+class Gate(nn.Module):
+    """Gating network ``G_i``: scores every expert for a latent ``h``.
+
+    Three ``shared`` layers (averaged by FedGate) followed by a local
+    ``decision`` layer, as in the NMoE paper's FedGate ablation ("we
+    synchronize the first three layers while leaving the last layer as
+    local"). State-dict keys start with ``shared.`` or ``decision.``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+        )
+        self.decision = nn.Linear(hidden, num_experts)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decision(self.shared(h))  # (B, num_experts) logits
+
+
+def route(
+    gate_logits: Tensor, k: int, noise_std: float = 0.0, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Noisy top-k routing: ``softmax(topk(logits + eps, k))``.
+
+    Parameters
+    ----------
+    gate_logits : Tensor
+        ``(B, n)`` expert scores.
+    k : int
+        Experts kept per sample (``1 <= k <= n``).
+    noise_std : float
+        Standard deviation of the Gaussian ``eps`` (training only; 0 at
+        inference, which gives plain top-k).
+    generator : torch.Generator, optional
+        Source of the noise, so that noisy routing is reproducible.
+
+    Returns
+    -------
+    weights, index : Tensor
+        ``(B, k)`` softmax weights over the kept scores, and the kept experts'
+        indices, best first.
+    """
+    if not 1 <= k <= gate_logits.shape[-1]:
+        raise ValueError(f"top-k must be in [1, {gate_logits.shape[-1]}], got {k}")
+    if noise_std > 0:
+        eps = torch.randn(gate_logits.shape, generator=generator, device=gate_logits.device)
+        gate_logits = gate_logits + noise_std * eps.to(gate_logits.dtype)
+    top, index = gate_logits.topk(k, dim=-1)
+    return top.softmax(dim=-1), index
+
+
+def mixture_probs(weights: Tensor, index: Tensor, expert_probs: Tensor) -> Tensor:
+    """Combine precomputed expert answers: ``sum_j w_j p_j``.
+
+    Parameters
+    ----------
+    weights, index : Tensor
+        ``(B, k)`` output of :func:`route`.
+    expert_probs : Tensor
+        ``(B, n, C)`` class probabilities of every expert for every sample.
+
+    Returns
+    -------
+    Tensor
+        ``(B, C)`` mixture class probabilities.
+    """
+    picked = expert_probs.gather(1, index.unsqueeze(-1).expand(-1, -1, expert_probs.shape[-1]))
+    return (weights.unsqueeze(-1) * picked).sum(dim=1)
+
+
+def nmoe_combine(
+    h: Tensor, weights: Tensor, index: Tensor, experts: Sequence[nn.Module]
+) -> Tensor:
+    """Networked-MoE combine that runs only the experts that were picked.
+
+    Samples are grouped by expert and each group is answered in one call --
+    exactly what a device does when it sends latents to its neighbours --
+    then the answers are mixed with the gate weights.
+
+    Parameters
+    ----------
+    h : Tensor
+        ``(B, d)`` latents.
+    weights, index : Tensor
+        ``(B, k)`` output of :func:`route`.
+    experts : sequence of nn.Module
+        Expert ``j`` maps ``(b, d)`` latents to ``(b, C)`` logits.
+
+    Returns
+    -------
+    Tensor
+        ``(B, C)`` mixture class probabilities ``sum_j w_j softmax(H_j(h))``.
+    """
+    out: Tensor | None = None
+    for j in index.unique().tolist():
+        rows, slot = (index == j).nonzero(as_tuple=True)
+        probs = experts[j](h[rows]).float().softmax(dim=-1)  # (b, C)
+        if out is None:
+            out = h.new_zeros(h.shape[0], probs.shape[-1], dtype=torch.float32)
+        out.index_add_(0, rows, weights[rows, slot].float().unsqueeze(-1) * probs)
+    assert out is not None
+    return out
+
+
+def mixture_nll(probs: Tensor, labels: Tensor) -> Tensor:
+    """Negative log-likelihood of a mixture's class probabilities.
+
+    ``-log sum_j w_j p_j(y | h)`` is the classic MoE objective (Jacobs et al.
+    1991): unlike mixing logits it rewards putting the gate's mass on the
+    expert that is right, which is what top-1 routing needs at inference.
+    """
+    return -probs.gather(1, labels.unsqueeze(1)).clamp_min(1e-8).log().mean()
+
+
+class CentralizedMoE(nn.Module):
+    """Extractor, gate and all experts in one module (centralized upper bound).
+
+    Trained jointly on pooled data; ``forward`` returns mixture class
+    probabilities under noisy top-k routing.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, num_experts: int, hidden: int) -> None:
+        super().__init__()
+        self.extractor = ResNet20(in_channels)
+        self.gate = Gate(ResNet20.out_dim, hidden, num_experts)
+        self.experts = nn.ModuleList(
+            MLP(ResNet20.out_dim, hidden, num_classes) for _ in range(num_experts)
+        )
+
+    def forward(
+        self, x: Tensor, k: int, noise_std: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        h = self.extractor(x)
+        weights, index = route(self.gate(h), k, noise_std, generator)
+        if self.training:
+            # All experts run while training so that every expert gets gradient.
+            probs = torch.stack([e(h) for e in self.experts], dim=1).float().softmax(-1)
+            return mixture_probs(weights.float(), index, probs)
+        return nmoe_combine(h, weights, index, self.experts)
+
+
+def state_subset(state: dict[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
+    """Entries of a state dict whose names start with one of ``prefixes``."""
+    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

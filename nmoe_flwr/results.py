@@ -1,0 +1,106 @@
+"""results.json, rounds.csv and the closing table of a run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
+
+# Rows of the closing table: results key -> label.
+METHODS = {
+    "nmoe": "NMoE (top-k over all experts)",
+    "personalized-expert": "personalized expert alone",
+    "fedce-classifier": "FedCE end-to-end classifier",
+    "local-classifier": "local classifier",
+    "centralized-moe": "centralized MoE (upper bound)",
+}
+
+
+class RunRecorder:
+    """Collects a run's metrics and writes them after every stage.
+
+    ``results.json`` is rewritten atomically (temp file + rename) each time
+    :meth:`save` is called, so a crash mid-run leaves the stages that
+    finished, never a truncated file.
+
+    Parameters
+    ----------
+    folder : Path
+        ``<output-dir>/<run-name>``; created if missing.
+    config : mapping
+        The resolved run config (written as is).
+    """
+
+    def __init__(self, folder: Path, config: Mapping[str, Any], run_id: int) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = {
+            "run": {"run-id": run_id, "name": folder.name, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            "config": dict(config),
+            "timings-s": {},
+            "stages": {},
+            "results": {},
+        }
+        self.rounds: list[dict[str, Any]] = []
+
+    def timing(self, name: str, seconds: float) -> None:
+        """Record the wall time of a stage."""
+        self.data["timings-s"][name] = round(seconds, 3)
+
+    def stage(self, name: str, info: Mapping[str, Any]) -> None:
+        """Record what a stage reported (per-round and per-client metrics)."""
+        self.data["stages"][name] = dict(info)
+
+    def add_rounds(self, stage: str, rounds: Mapping[int, Mapping[str, float]]) -> None:
+        """Append per-round aggregated metrics of a stage to rounds.csv."""
+        for rnd, metrics in sorted(rounds.items()):
+            self.rounds.append({"stage": stage, "round": rnd, **metrics})
+
+    def result(self, method: str, per_client: Mapping[int, Mapping[str, float]], mean: Mapping[str, float]) -> None:
+        """Record one method's per-client metrics and their mean over clients."""
+        self.data["results"][method] = {
+            "mean": dict(mean),
+            "per-client": {str(k): dict(v) for k, v in sorted(per_client.items())},
+        }
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a free-form fact about the run (e.g. why a baseline was skipped)."""
+        self.data["run"][key] = value
+
+    def save(self, status: str | None = None) -> Path:
+        """Write results.json and rounds.csv; return the path of results.json."""
+        if status is not None:
+            self.data["run"]["status"] = status
+            self.data["run"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        path = self.folder / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, allow_nan=True))
+        os.replace(tmp, path)
+        if self.rounds:
+            keys = list(dict.fromkeys(k for row in self.rounds for k in row))
+            tmp = self.folder / "rounds.csv.tmp"
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rounds)
+            os.replace(tmp, self.folder / "rounds.csv")
+        return path
+
+    def table(self) -> str:
+        """The closing results table (mean over clients)."""
+        lines = [f"{'method':<34} {'accuracy':>9} {'macro-F1':>9} {'routed':>7}", "-" * 62]
+        for key, label in METHODS.items():
+            mean = self.data["results"].get(key, {}).get("mean")
+            if not mean:
+                continue
+            routed = mean.get(ROUTED_TO_NEIGHBOUR, math.nan)
+            routed_s = "" if math.isnan(routed) else f"{routed:7.3f}"
+            lines.append(f"{label:<34} {mean[ACCURACY]:9.4f} {mean[MACRO_F1]:9.4f} {routed_s:>7}")
+        return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""ServerApp: the three NMoE training stages, the baselines, and the results.
+
+1. FedCE: :class:`PartialFedAvg` over the end-to-end classifier
+   (``extractor.`` and, if ``fedce-average-head``, ``head.``).
+2. Personalized experts: every client caches latents of the frozen
+   extractor and trains its expert; the server collects the expert bank.
+3. Gate: the bank goes to every client, then :class:`PartialFedAvg` over
+   the gate (``fedgate``: ``shared.`` only; ``fedavg``: all; ``local``: none).
+
+Then NMoE evaluation on each client's test set and the paper's baselines
+(FedCE classifier, local classifier, centralized MoE). ``results.json`` is
+rewritten after every stage; any error (bad config, failing client) ends
+the run with status failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from . import stages
+from .config import RunConfig, parse_run_config
+from .constants import (
+    ACCURACY,
+    ARRAYS,
+    CONFIG,
+    EXPERT_BANK,
+    EXTRACTOR_PREFIX,
+    GATE_DECISION_PREFIX,
+    GATE_SHARED_PREFIX,
+    HEAD_PREFIX,
+    IN_CHANNELS,
+    MACRO_F1,
+    METRICS,
+    MSG_EVAL_CLASSIFIER,
+    MSG_EVAL_NMOE,
+    MSG_EXPERT,
+    MSG_EXPERT_BANK,
+    MSG_FEDCE,
+    MSG_GATE,
+    MSG_INFO,
+    MSG_LOCAL_BASELINE,
+    NUM_CLASSES,
+    NUM_ROUNDS,
+    PARTITION_ID,
+    ROUTED_TO_NEIGHBOUR,
+)
+from .data.federated import all_client_splits
+from .records import bank_to_record, from_record, to_record
+from .results import RunRecorder
+from .seeding import derive_seed
+from .strategies import PartialFedAvg
+from .training import resolve_runtime, set_torch_threads
+from .workspace import cache_dir, run_dir
+
+app = ServerApp()
+
+GATE_SHARED = {
+    "fedgate": (GATE_SHARED_PREFIX,),
+    "fedavg": (GATE_SHARED_PREFIX, GATE_DECISION_PREFIX),
+    "local": (),
+}
+
+
+class ClientFailure(RuntimeError):
+    """A client replied with an error; the run cannot go on."""
+
+
+def discover_nodes(grid: Grid, cfg: RunConfig, timeout: float = 300.0) -> tuple[dict[int, int], Mapping[str, float]]:
+    """Wait for ``num-clients`` nodes and map node id -> partition id.
+
+    The ServerApp cannot read a node's ``node_config``, so it asks every node
+    (``query.info``); this also makes each client load and cache its data
+    before training starts. Returns the map and one node's info record.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < cfg.num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of num-clients = {cfg.num_clients} nodes connected after {timeout:.0f} s")
+        log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), cfg.num_clients)
+        time.sleep(1.0)
+    if len(nodes) > cfg.num_clients:
+        raise ValueError(f"{len(nodes)} nodes are connected but num-clients = {cfg.num_clients}; they must match")
+    replies = send_to_all(grid, {n: RecordDict() for n in nodes}, MSG_INFO, cfg.round_timeout)
+    pids = {node: int(rec[METRICS][PARTITION_ID]) for node, rec in replies.items()}
+    if sorted(pids.values()) != list(range(cfg.num_clients)):
+        raise ValueError(f"partition ids of the nodes are {sorted(pids.values())}, expected 0..{cfg.num_clients - 1}")
+    return pids, replies[nodes[0]][METRICS]
+
+
+def send_to_all(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float) -> dict[int, RecordDict]:
+    """Send one message per node and return ``{node id: reply content}``.
+
+    Raises
+    ------
+    ClientFailure
+        If any node fails or does not answer in time.
+    """
+    messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors or len(replies) != len(messages):
+        raise ClientFailure(f"{message_type}: {len(replies)}/{len(messages)} replies; errors: {errors}")
+    return {r.metadata.src_node_id: r.content for r in replies}
+
+
+def per_partition(replies: Mapping[int, RecordDict], pids: Mapping[int, int]) -> dict[int, dict[str, float]]:
+    """Reply metrics keyed by partition id."""
+    return {pids[node]: dict(rec[METRICS]) for node, rec in replies.items()}
+
+
+def _client_metric_table(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    return stages.mean_metrics(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR))
+
+
+def run_partial_fedavg(
+    grid: Grid,
+    cfg: RunConfig,
+    initial: Mapping[str, torch.Tensor],
+    prefixes: tuple[str, ...],
+    message_type: str,
+    num_rounds: int,
+) -> tuple[ArrayRecord, dict[int, dict[str, float]]]:
+    """Run one federated stage with :class:`PartialFedAvg`; return the final
+    shared arrays and the aggregated training metrics per round."""
+    strategy = PartialFedAvg(
+        prefixes,
+        train_message_type=message_type,
+        fraction_evaluate=0.0,  # evaluation is a separate, final message
+        min_train_nodes=cfg.num_clients,
+        min_available_nodes=cfg.num_clients,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(initial),
+        num_rounds=num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({NUM_ROUNDS: num_rounds}),
+    )
+    if len(result.train_metrics_clientapp) != num_rounds:
+        raise ClientFailure(
+            f"{message_type}: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated"
+        )
+    rounds = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+    return result.arrays, rounds
+
+
+def _timed(rec: RunRecorder, name: str, fn: Callable[[], object]):
+    t0 = time.perf_counter()
+    log(INFO, "=== %s ===", name)
+    out = fn()
+    rec.timing(name, time.perf_counter() - t0)
+    log(INFO, "=== %s done in %.1f s ===", name, time.perf_counter() - t0)
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, then run the stages and baselines in order."""
+    cfg = parse_run_config(context.run_config)  # fails the run before any work
+    folder = run_dir(cfg.output_dir, cfg.run_name, context.run_id)
+    rec = RunRecorder(folder, cfg.to_dict(), context.run_id)
+    log(INFO, "nmoe-flwr run %s: results in %s", context.run_id, folder)
+    t_run = time.perf_counter()
+    try:
+        run_pipeline(grid, cfg, rec)
+    except BaseException as exc:
+        rec.note("error", f"{type(exc).__name__}: {exc}")
+        rec.timing("total", time.perf_counter() - t_run)
+        rec.save("failed")
+        raise
+    rec.timing("total", time.perf_counter() - t_run)
+    path = rec.save("completed")
+    log(INFO, "Results (mean over %d clients):\n%s", cfg.num_clients, rec.table())
+    log(INFO, "Wrote %s and rounds.csv", path)
+
+
+def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
+    """The three stages, NMoE evaluation and baselines; records after each."""
+    pids, info = _timed(rec, "discover-nodes", lambda: discover_nodes(grid, cfg))
+    nodes = sorted(pids, key=pids.get)
+    in_channels, num_classes = int(info[IN_CHANNELS]), int(info[NUM_CLASSES])
+    every = lambda content: {n: content for n in nodes}  # noqa: E731
+
+    # Stage 1: FedCE
+    fe_prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
+    init = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init")).state_dict()
+    fe_arrays, fe_rounds = _timed(
+        rec, "stage1-fedce",
+        lambda: run_partial_fedavg(grid, cfg, init, fe_prefixes, MSG_FEDCE, cfg.fedce_rounds),
+    )
+    rec.add_rounds("fedce", fe_rounds)
+    rec.stage("fedce", {"shared-prefixes": list(fe_prefixes), "rounds": fe_rounds})
+    replies = _timed(
+        rec, "eval-fedce-classifier",
+        lambda: send_to_all(grid, every(RecordDict({ARRAYS: fe_arrays, CONFIG: ConfigRecord()})), MSG_EVAL_CLASSIFIER, cfg.round_timeout),
+    )
+    per_client = per_partition(replies, pids)
+    rec.result("fedce-classifier", per_client, stages.mean_metrics(per_client))
+    rec.save()
+    if cfg.stages == "fe":
+        return
+
+    # Stage 2: personalized experts
+    replies = _timed(
+        rec, "stage2-experts",
+        lambda: send_to_all(grid, every(RecordDict({ARRAYS: fe_arrays, CONFIG: ConfigRecord()})), MSG_EXPERT, cfg.round_timeout),
+    )
+    bank = {pids[node]: from_record(content[ARRAYS]) for node, content in replies.items()}
+    expert_metrics = {
+        pid: {k.removeprefix("expert-"): v for k, v in m.items() if k.startswith("expert-")}
+        for pid, m in per_partition(replies, pids).items()
+    }
+    rec.stage("experts", {"per-client": {str(k): v for k, v in per_partition(replies, pids).items()}})
+    rec.result("personalized-expert", expert_metrics, stages.mean_metrics(expert_metrics))
+    rec.save()
+
+    # Stage 3: gate against the frozen bank
+    _timed(
+        rec, "stage3-send-bank",
+        lambda: send_to_all(grid, every(RecordDict({EXPERT_BANK: bank_to_record(bank)})), MSG_EXPERT_BANK, cfg.round_timeout),
+    )
+    gate_prefixes = GATE_SHARED[cfg.gate_method]
+    gate_init = stages.new_gate(cfg, derive_seed(cfg.seed, "gate-init")).state_dict()
+    gate_arrays, gate_rounds = _timed(
+        rec, "stage3-gate",
+        lambda: run_partial_fedavg(grid, cfg, gate_init, gate_prefixes, MSG_GATE, cfg.gate_rounds),
+    )
+    rec.add_rounds("gate", gate_rounds)
+    rec.stage("gate", {"method": cfg.gate_method, "shared-prefixes": list(gate_prefixes), "rounds": gate_rounds})
+    replies = _timed(
+        rec, "eval-nmoe",
+        lambda: send_to_all(grid, every(RecordDict({ARRAYS: gate_arrays, CONFIG: ConfigRecord()})), MSG_EVAL_NMOE, cfg.round_timeout),
+    )
+    per_client = per_partition(replies, pids)
+    rec.result("nmoe", per_client, _client_metric_table(per_client))
+    rec.save()
+
+    # Baselines
+    if cfg.local_baseline:
+        replies = _timed(
+            rec, "baseline-local-classifier",
+            lambda: send_to_all(grid, every(RecordDict({CONFIG: ConfigRecord()})), MSG_LOCAL_BASELINE, cfg.round_timeout),
+        )
+        per_client = per_partition(replies, pids)
+        rec.result("local-classifier", per_client, stages.mean_metrics(per_client))
+        rec.save()
+    if cfg.centralized_baseline:
+        _timed(rec, "baseline-centralized-moe", lambda: centralized_baseline(cfg, rec, in_channels, num_classes))
+        rec.save()
+
+
+def centralized_baseline(cfg: RunConfig, rec: RunRecorder, in_channels: int, num_classes: int) -> None:
+    """Centralized MoE on the pooled training data, in this process (no Flower).
+
+    Needs the data set on the server's machine (true in simulation); where it
+    is missing the baseline is skipped and the reason recorded.
+    """
+    try:
+        splits = all_client_splits(cfg, cache_dir(cfg.output_dir))
+    except Exception as exc:  # noqa: BLE001 -- recorded and reported, not hidden
+        log(WARNING, "Centralized baseline skipped: %s", exc)
+        rec.note("centralized-moe-skipped", str(exc))
+        return
+    set_torch_threads(cfg.torch_threads or (os.cpu_count() or 1))
+    runtime = resolve_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    pooled = stages.DeviceData(
+        torch.cat([s.train.images for s in splits]).to(runtime.device),
+        torch.cat([s.train.labels for s in splits]).to(runtime.device),
+    )
+    tests = [stages.DeviceData.of(s.test, runtime) for s in splits]
+    metrics = stages.train_centralized_moe(pooled, tests, in_channels, num_classes, cfg, runtime)
+    per_client = dict(enumerate(metrics))
+    rec.result("centralized-moe", per_client, stages.mean_metrics(per_client))
+
+
+__all__ = ["app", "main"]

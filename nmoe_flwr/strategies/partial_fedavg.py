@@ -1,0 +1,105 @@
+"""FedAvg over a named subset of parameters (FedGate, FedCE with a local head)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ..constants import SHARED_PREFIXES
+
+
+def split_shared(arrays: ArrayRecord, prefixes: Sequence[str]) -> tuple[ArrayRecord, list[str]]:
+    """Keep the entries whose names start with one of ``prefixes``.
+
+    Returns
+    -------
+    shared : ArrayRecord
+        The shared entries, in their original order.
+    dropped : list of str
+        Names of the entries that were left out.
+    """
+    shared = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(tuple(prefixes))})
+    return shared, [k for k in arrays if not k.startswith(tuple(prefixes))]
+
+
+class PartialFedAvg(FedAvg):
+    """FedAvg of the parameters whose names start with ``shared_prefixes``.
+
+    Everything else is *local*: it is never sent to the clients, never
+    averaged, and a reply that carries it anyway has it dropped (with a
+    warning) before aggregation. With ``shared_prefixes=("shared.",)`` this
+    is the NMoE paper's FedGate (shallow gate layers averaged, decision layer
+    local, Sec. III-C); with ``()`` every client trains alone; with a prefix
+    that covers the whole model it is plain FedAvg.
+
+    Client contract
+    ---------------
+    Receives, under ``arrayrecord_key``, an ArrayRecord holding only the
+    shared entries, and a ConfigRecord with ``"server-round"`` and
+    ``"shared-prefixes"`` (list of str). It loads the shared entries over
+    its own model (keeping its local entries), trains, and replies with one
+    ArrayRecord holding exactly the shared entries and one MetricRecord with
+    ``"num-examples"`` (the weight of its update).
+
+    Parameters
+    ----------
+    shared_prefixes : sequence of str
+        Parameter-name prefixes that are averaged.
+    train_message_type : str
+        Message type of the training messages, e.g. ``"train.gate"`` to reach
+        a ClientApp handler registered with ``@app.train("gate")``.
+    **kwargs
+        Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        shared_prefixes: Sequence[str],
+        *,
+        train_message_type: str = MessageType.TRAIN,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.shared_prefixes = tuple(shared_prefixes)
+        self.train_message_type = train_message_type
+
+    def summary(self) -> None:
+        """Log the shared prefixes, then FedAvg's summary."""
+        log(INFO, "\t├──> Shared prefixes: %s (everything else stays local)", list(self.shared_prefixes))
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send only the shared entries, and the prefixes, to the sampled nodes."""
+        shared, _ = split_shared(arrays, self.shared_prefixes)
+        config[SHARED_PREFIXES] = list(self.shared_prefixes)
+        messages = list(super().configure_train(server_round, shared, config, grid))
+        for message in messages:
+            message.metadata.message_type = self.train_message_type
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop local entries from the replies, then average by example count."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            for key, record in list(reply.content.array_records.items()):
+                shared, dropped = split_shared(record, self.shared_prefixes)
+                if dropped:
+                    log(
+                        WARNING,
+                        "Node %s sent local entries %s; they were dropped, not averaged.",
+                        reply.metadata.src_node_id,
+                        dropped[:5],
+                    )
+                    reply.content[key] = shared
+        return super().aggregate_train(server_round, replies)

@@ -1,0 +1,225 @@
+"""``nmoe-run``: ``flwr run`` in local simulation, offline, with a real exit status.
+
+``flwr run --stream`` exits 0 even when the run failed, and its ``:local:``
+SuperLink keeps running after the CLI exits. This launcher
+
+1. sets the offline environment (``FLWR_HOME``, no telemetry, no update
+   check, no runtime dependency installation, a private ``RAY_TMPDIR``),
+2. starts its own simulation SuperLink on free loopback ports and points
+   ``:local:`` at it,
+3. runs ``flwr run <app> --stream`` with ``num-supernodes`` = ``num-clients``
+   of the run config (unless given),
+4. reads the run's final status with ``flwr ls --run-id ... --format json``,
+5. stops the SuperLink and every process it started (its process group),
+   also on Ctrl-C or errors,
+
+and exits 0 only for ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def offline_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for running Flower offline with state under ``flwr_home``."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(flwr_home))
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Ray puts unix sockets here; a short private path avoids the 107-byte limit.
+    env.setdefault("RAY_TMPDIR", f"/tmp/nmoe-ray-{os.getuid()}")
+    Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans of a dead leader
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
+    """Start a simulation SuperLink on free ports; yield the env that points
+    ``flwr``'s ``:local:`` connection at it; stop it and its children after."""
+    http_port, control_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{control_port}",
+        "--host", "127.0.0.1", "--port", str(http_port),
+        "--database", str(workdir / "state.db"),
+        "--log-file", str(workdir / "superlink.log"),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {workdir / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"flower-superlink not healthy after {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield {
+            **env,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        }
+    finally:
+        stop_group(proc)
+
+
+def run_config_value(app: Path, run_config: str | None, key: str) -> object:
+    """A key of the effective run config: the override (TOML file or
+    ``"k=v ..."``) or else the app's default in ``pyproject.toml``."""
+    if run_config:
+        path = Path(run_config)
+        if path.is_file():
+            overrides = tomllib.loads(path.read_text())
+        else:
+            from flwr.common.config import parse_config_args
+
+            overrides = parse_config_args([run_config])
+        if key in overrides:
+            return overrides[key]
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"][key]
+
+
+def run_status(env: dict[str, str], run_id: str, timeout: float = 120.0) -> dict:
+    """Wait until the run is finished and return its ``flwr ls`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        try:
+            runs = json.loads(out.stdout).get("runs", [])
+        except json.JSONDecodeError:
+            runs = []
+        if runs and str(runs[0].get("status", "")).startswith("finished"):
+            return runs[0]
+        if time.monotonic() > deadline:
+            return runs[0] if runs else {"status": "unknown", "status-details": out.stdout + out.stderr}
+        time.sleep(1.0)
+
+
+def launch(
+    app: Path,
+    run_config: str | None = None,
+    num_supernodes: int | None = None,
+    cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+    flwr_home: Path | None = None,
+    timeout: float = 6 * 3600,
+    log_file: Path | None = None,
+) -> tuple[str, dict]:
+    """Run the app through ``flwr run`` and return ``(status, flwr ls record)``.
+
+    Streams the run's log to stdout (and to ``log_file`` if given).
+    """
+    app = app.resolve()
+    flwr_home = (flwr_home or app / ".flwr").resolve()
+    env = offline_env(flwr_home)
+    n = num_supernodes or int(run_config_value(app, run_config, "num-clients"))
+    federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client:
+        federation += f" client-resources-num-gpus={gpus_per_client}"
+    cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    print("+ " + shlex.join(cmd), flush=True)
+    run_id = None
+    with local_superlink(env, flwr_home / "superlink") as link_env:
+        log = log_file.open("w") if log_file else None
+        try:
+            proc = subprocess.Popen(cmd, env=link_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app)
+            deadline = time.monotonic() + timeout
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                if log:
+                    log.write(line)
+                if run_id is None and (m := RUN_ID.search(line)):
+                    run_id = m.group(1)
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            proc.wait()
+        finally:
+            if log:
+                log.close()
+        if run_id is None:
+            return "not-started", {"status": "not-started", "status-details": f"flwr run exited {proc.returncode}"}
+        record = run_status(link_env, run_id)
+    return str(record.get("status")), record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``nmoe-run``."""
+    parser = argparse.ArgumentParser(
+        prog="nmoe-run",
+        description="Run the NMoE Flower app in local simulation (offline) and exit non-zero unless "
+        "the run finished:completed. Starts and stops its own SuperLink.",
+    )
+    parser.add_argument("--app", type=Path, default=Path("."), help="Flower app folder (default: .)")
+    parser.add_argument("--run-config", help='preset TOML file (e.g. configs/smoke.toml) or "key=value ..." overrides')
+    parser.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-clients of the run config)")
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="client-resources-num-cpus (default 1: one torch thread per client)")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="client-resources-num-gpus, e.g. 0.1 to share one GPU by 10 clients")
+    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
+    parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
+    args = parser.parse_args(argv)
+    status, record = launch(
+        args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
+        args.flwr_home, args.timeout, args.log_file,
+    )
+    print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Stage 1 (FedCE) in one plain process, without Flower.
+
+The reference that the overhead benchmark compares ``flwr run`` against, and
+the path that runs on machines without ``flwr``/``ray`` (the lent GPU box).
+Clients train one after another with exactly the ClientApp's code
+(:func:`nmoe_flwr.stages.train_classifier`); averaging is FedAvg's weighted
+mean by example count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import stages
+from .config import RunConfig
+from .constants import EXTRACTOR_PREFIX, HEAD_PREFIX
+from .data import ClientSplits
+from .seeding import derive_seed
+from .training import Runtime
+
+
+def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """FedAvg of state dicts: ``sum_i w_i s_i / sum_i w_i`` per entry (dtype kept)."""
+    total = float(sum(weights))
+    return {
+        k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
+        for k in states[0]
+    }
+
+
+def fedce_plain(
+    cfg: RunConfig,
+    splits: Sequence[ClientSplits],
+    runtime: Runtime,
+    on_round: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Run ``fedce-rounds`` rounds of FedCE over ``splits`` sequentially.
+
+    Returns the final averaged classifier state and, per client, the FedCE
+    classifier's test metrics. ``on_round(round, seconds)`` reports progress.
+    """
+    in_channels, num_classes = splits[0].train.images.shape[1], splits[0].train.num_classes
+    model = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init"))
+    model = runtime.prepare(model)
+    shared = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    local_states = [dict(global_state) for _ in splits]
+    data = [stages.DeviceData.of(s.train, runtime) for s in splits]
+    for rnd in range(1, cfg.fedce_rounds + 1):
+        t0 = time.perf_counter()
+        states, weights = [], []
+        for pid, client in enumerate(data):
+            model.load_state_dict({**local_states[pid], **{k: v for k, v in global_state.items() if k.startswith(shared)}})
+            stats = stages.train_classifier(
+                model, client, cfg, runtime, epochs=cfg.fedce_local_epochs,
+                lr=stages.fedce_round_lr(cfg, rnd, cfg.fedce_rounds), seed=derive_seed(cfg.seed, pid, "fedce", rnd),
+            )
+            local_states[pid] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            states.append(local_states[pid])
+            weights.append(stats.num_examples)
+        global_state = weighted_mean(states, weights)
+        if on_round is not None:
+            on_round(rnd, time.perf_counter() - t0)
+    metrics = []
+    for pid, split in enumerate(splits):
+        model.load_state_dict({**local_states[pid], **{k: v for k, v in global_state.items() if k.startswith(shared)}})
+        test = stages.DeviceData.of(split.test, runtime)
+        metrics.append(stages.classifier_metrics(model, test, num_classes, cfg, runtime))
+    return global_state, metrics

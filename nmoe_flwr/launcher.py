@@ -155,14 +155,16 @@ def launch(
     flwr_home: Path | None = None,
     timeout: float = 6 * 3600,
     log_file: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[str, dict]:
     """Run the app through ``flwr run`` and return ``(status, flwr ls record)``.
 
-    Streams the run's log to stdout (and to ``log_file`` if given).
+    Streams the run's log to stdout (and to ``log_file`` if given);
+    ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``).
     """
     app = app.resolve()
     flwr_home = (flwr_home or app / ".flwr").resolve()
-    env = offline_env(flwr_home)
+    env = {**offline_env(flwr_home), **(extra_env or {})}
     n = num_supernodes or int(run_config_value(app, run_config, "num-clients"))
     federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"
     if gpus_per_client:

@@ -1,0 +1,75 @@
+"""End to end through ``flwr run`` (local simulation): the smoke preset completes,
+a bad config value fails the run, and no process is left behind."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from nmoe_flwr.launcher import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    out = tmp / "out"
+    status, record = launch(
+        ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp / "flwr", timeout=420,
+        log_file=tmp / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(out)},
+    )
+    return status, record, out / "smoke", tmp
+
+
+def test_smoke_preset_completes(smoke_run):
+    status, record, _, tmp = smoke_run
+    assert status == "finished:completed", (record, (tmp / "run.log").read_text()[-3000:])
+
+
+def test_smoke_results_are_complete_and_above_chance(smoke_run):
+    _, _, folder, _ = smoke_run
+    results = json.loads((folder / "results.json").read_text())
+    assert results["run"]["status"] == "completed"
+    assert results["config"]["num-clients"] == 4 and results["config"]["tau"] == 0.1
+    for method in ("nmoe", "fedce-classifier", "personalized-expert", "local-classifier", "centralized-moe"):
+        assert set(results["results"][method]["per-client"]) == {"0", "1", "2", "3"}, method
+        assert {"accuracy", "macro-f1"} <= set(results["results"][method]["mean"]), method
+    nmoe = results["results"]["nmoe"]["mean"]
+    assert nmoe["accuracy"] > 0.5  # chance is 0.1 over 10 classes
+    assert 0.0 <= nmoe["routed-to-neighbour"] <= 1.0
+    for stage in ("stage1-fedce", "stage2-experts", "stage3-gate", "eval-nmoe", "total"):
+        assert results["timings-s"][stage] > 0
+    rows = (folder / "rounds.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,round") and len(rows) == 1 + 3 + 3  # fedce + gate rounds
+
+
+def test_bad_config_value_fails_the_run_fast(tmp_path):
+    status, record = launch(
+        ROOT, "tau=1.5", num_supernodes=2, flwr_home=tmp_path / "flwr", timeout=180,
+        log_file=tmp_path / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(tmp_path / "out")},
+    )
+    assert status == "finished:failed", record
+    log = (tmp_path / "run.log").read_text()
+    assert "key 'tau' = 1.5" in log and "< 1.0" in log, log[-2000:]
+    assert not list((tmp_path / "out").glob("*/results.json"))  # nothing written before validation
+
+
+def test_no_process_left_behind(smoke_run):
+    _, _, _, tmp = smoke_run
+    assert _processes_mentioning(str(tmp)) == []

@@ -1,0 +1,105 @@
+"""The shared training loop, optimizers, metrics, augmentation and records."""
+
+import math
+
+import pytest
+import torch
+
+from nmoe_flwr.data.augment import random_crop_flip
+from nmoe_flwr.models import MLP, Gate
+from nmoe_flwr.records import bank_from_record, bank_to_record, from_record, to_record
+from nmoe_flwr.training import (
+    Runtime,
+    ce_loss,
+    classification_metrics,
+    cosine,
+    fit,
+    make_optimizers,
+    normalize_gradients,
+)
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def test_metrics_by_hand():
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0])
+    m = classification_metrics(pred, labels, num_classes=4)
+    # class 0: TP 2, FP 1, FN 1 -> 4/6; class 1: TP 1, FP 1 -> 2/3; class 2: FN 1 -> 0; class 3 absent.
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["macro-f1"] == pytest.approx((4 / 6 + 2 / 3 + 0) / 3)
+
+
+def test_always_predicting_the_dominant_class_has_high_accuracy_low_macro_f1():
+    labels = torch.tensor([0] * 90 + list(range(1, 10)) + [1])
+    m = classification_metrics(torch.zeros(100, dtype=torch.long), labels, 10)
+    assert m["accuracy"] == pytest.approx(0.9)
+    assert m["macro-f1"] < 0.1
+
+
+def test_normalize_gradients_gives_unit_norm_per_tensor():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    normalize_gradients([p])
+    assert torch.allclose(p.grad, torch.tensor([0.6, 0.8, 0.0]))
+
+
+def test_muon_takes_matrices_adamw_the_rest():
+    gate = Gate(8, 16, 4)
+    muon, adamw = make_optimizers(gate, "muon", 1e-3)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    assert all(p.dim() == 1 for g in adamw.param_groups for p in g["params"])
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine(0.0) == 1.0 and cosine(1.0) == pytest.approx(0.0) and cosine(0.5) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "muon"])
+def test_fit_learns_a_separable_problem(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = MLP(8, 16, 2)
+    opts = make_optimizers(model, kind, 0.05 if kind == "sgd" else 1e-2)
+    stats = fit(model, ce_loss, (x, y), epochs=20, batch_size=32, optimizers=opts, runtime=CPU,
+                generator=torch.Generator().manual_seed(1), lr_multiplier=cosine, grad_norm=kind == "muon")
+    assert stats.num_examples == 256 and math.isfinite(stats.loss)
+    model.eval()
+    assert (model(x).argmax(1) == y).float().mean() > 0.95
+    assert all(gr["lr"] == pytest.approx(opts[0].defaults["lr"]) for gr in opts[0].param_groups)
+
+
+def test_fit_is_deterministic_for_a_seed():
+    x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
+
+    def run():
+        torch.manual_seed(0)
+        m = MLP(4, 8, 2)
+        fit(m, ce_loss, (x, y), epochs=2, batch_size=16, optimizers=make_optimizers(m, "sgd", 0.1),
+            runtime=CPU, generator=torch.Generator().manual_seed(5))
+        return m.state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crop_flip_keeps_shape_dtype_and_flips_exactly():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    out = random_crop_flip(x, 0, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    shifted = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+
+
+def test_records_round_trip_and_cast_half_precision():
+    state = {"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.arange(3)}
+    back = from_record(to_record(state))
+    assert back["a"].dtype == torch.float32 and torch.equal(back["b"], state["b"])
+    bank = {1: {"w": torch.ones(2)}, 0: {"w": torch.zeros(2)}}
+    restored = bank_from_record(bank_to_record(bank))
+    assert list(restored) == [0, 1] and torch.equal(restored[1]["w"], torch.ones(2))

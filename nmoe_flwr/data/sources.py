@@ -344,22 +344,29 @@ def load_split_cached(
 def load_hf_split(name: str, split: str) -> ImageSet:
     """Load a Hugging Face image-classification split as an ``ImageSet``.
 
-    The image column is the first column holding PIL images or arrays; the
+    Goes through ``flwr_datasets.FederatedDataset`` (the ``[hf]`` extra), which
+    downloads and caches the data set: machines with internet only. The
+    federated split itself is still made by :func:`partition_indices`, so a
+    Hugging Face data set is partitioned exactly like the local ones. The
+    image column is the first column holding PIL images or arrays; the
     label column is ``"label"`` or ``"labels"``.  Grey images become
     ``(N, 1, H, W)``, colour images ``(N, 3, H, W)``; all images must share a size.
 
     Raises
     ------
     DataError
-        If ``datasets`` is not installed, or no image/label column is found.
+        If ``flwr-datasets`` is not installed, or no image/label column is found.
     """
     try:
-        from datasets import load_dataset  # optional extra, imported lazily
+        from flwr_datasets import FederatedDataset  # optional extra, imported lazily
+        from flwr_datasets.partitioner import IidPartitioner
     except ImportError as exc:
         raise DataError(
             f'Hugging Face data set {name!r} needs the optional extra: pip install "nmoe-flwr[hf]"'
         ) from exc
-    ds = load_dataset(name, split=split)
+    # One partition = the whole split; nmoe_flwr partitions it afterwards.
+    fds = FederatedDataset(dataset=name, partitioners={split: IidPartitioner(num_partitions=1)})
+    ds = fds.load_split(split)
     label_col = next((c for c in ("label", "labels") if c in ds.column_names), None)
     first = ds[0] if len(ds) else {}
     img_col = next(

@@ -1,0 +1,94 @@
+"""ClientApp handlers called directly (no Flower runtime): node-config checks,
+and one FedCE round + NMoE stages on a tiny synthetic data set."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from nmoe_flwr import client_app
+from nmoe_flwr.client_app import ClientEnv
+from nmoe_flwr.constants import ARRAYS, CONFIG, EXPERT_BANK, METRICS, NUM_ROUNDS, SERVER_ROUND, SHARED_PREFIXES
+from nmoe_flwr.records import bank_to_record, from_record, to_record
+from nmoe_flwr.stages import new_classifier, new_gate
+from nmoe_flwr.seeding import derive_seed
+from nmoe_flwr.config import parse_run_config
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _write_idx(folder, split, n, rng):
+    import gzip
+    import struct
+
+    prefix = "train" if split == "train" else "t10k"
+    labels = np.arange(n, dtype=np.uint8) % 10
+    # Class-dependent images so that something is learnable.
+    images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(data, "train", 400, rng)
+    _write_idx(data, "test", 200, rng)
+    return {
+        "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "unit",
+        "num-clients": 2, "train-per-client": 40, "test-per-client": 20, "batch-size": 16,
+        "mlp-hidden": 16, "expert-epochs": 2, "gate-local-epochs": 1,
+    }
+
+
+def _context(run_config, node_config):
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _msg(content, message_type):
+    return Message(content, dst_node_id=1, message_type=message_type)
+
+
+def test_missing_node_config_key_is_named(run_config):
+    with pytest.raises(ValueError, match=r"partition-id"):
+        ClientEnv.of(_context(run_config, {"num-partitions": 2}))
+
+
+def test_num_partitions_must_match_num_clients(run_config):
+    with pytest.raises(ValueError, match="num-clients=2"):
+        ClientEnv.of(_context(run_config, {"partition-id": 0, "num-partitions": 3}))
+
+
+def test_client_stages_in_process(run_config):
+    ctx = _context(run_config, {"partition-id": 1, "num-partitions": 2})
+    info = client_app.info(_msg(RecordDict(), "query.info"), ctx).content[METRICS]
+    assert (info["partition-id"], info["num-train"], info["num-test"], info["in-channels"]) == (1, 40, 20, 1)
+
+    cfg = parse_run_config(run_config)
+    init = new_classifier(cfg, 1, 10, derive_seed(cfg.seed, "fedce-init")).state_dict()
+    shared = {k: v for k, v in init.items() if k.startswith("extractor.")}
+    config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 2, SHARED_PREFIXES: ["extractor."]})
+    reply = client_app.train_fedce(_msg(RecordDict({ARRAYS: to_record(shared), CONFIG: config}), "train.fedce"), ctx)
+    sent = from_record(reply.content[ARRAYS])
+    assert set(sent) == set(shared)  # the local head never leaves the client
+    assert reply.content[METRICS]["num-examples"] == 40
+    assert any(k.startswith("head.") for k in ctx.state[client_app.LOCAL_FEDCE].keys())
+
+    reply = client_app.train_expert(_msg(RecordDict({ARRAYS: reply.content[ARRAYS], CONFIG: ConfigRecord()}), "train.expert"), ctx)
+    expert = from_record(reply.content[ARRAYS])
+    client_app.store_expert_bank(_msg(RecordDict({EXPERT_BANK: bank_to_record({0: expert, 1: expert})}), "query.expert_bank"), ctx)
+
+    gate_shared = {k: v for k, v in new_gate(cfg, 0).state_dict().items() if k.startswith("shared.")}
+    config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 1, SHARED_PREFIXES: ["shared."]})
+    reply = client_app.train_gate(_msg(RecordDict({ARRAYS: to_record(gate_shared), CONFIG: config}), "train.gate"), ctx)
+    assert set(from_record(reply.content[ARRAYS])) == set(gate_shared)
+    assert set(ctx.state[client_app.LOCAL_GATE].keys()) == {"decision.weight", "decision.bias"}
+
+    reply = client_app.evaluate_nmoe(_msg(RecordDict({ARRAYS: reply.content[ARRAYS], CONFIG: ConfigRecord()}), "evaluate.nmoe"), ctx)
+    metrics = reply.content[METRICS]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["routed-to-neighbour"] <= 1.0
+    assert metrics["num-examples"] == 20

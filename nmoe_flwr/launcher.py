@@ -175,7 +175,7 @@ def launch(
     print("+ " + shlex.join(cmd), flush=True)
     run_id = None
     with local_superlink(env, flwr_home / "superlink") as link_env:
-        log = log_file.open("w") if log_file else None
+        log = log_file.open("w", buffering=1) if log_file else None  # line-buffered: tail -f works
         try:
             proc = subprocess.Popen(cmd, env=link_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app)
             deadline = time.monotonic() + timeout

@@ -187,7 +187,9 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     pids, info = _timed(rec, "discover-nodes", lambda: discover_nodes(grid, cfg))
     nodes = sorted(pids, key=pids.get)
     in_channels, num_classes = int(info[IN_CHANNELS]), int(info[NUM_CLASSES])
-    every = lambda content: {n: content for n in nodes}  # noqa: E731
+
+    def every(content: RecordDict) -> dict[int, RecordDict]:
+        return {n: content for n in nodes}
 
     # Stage 1: FedCE
     fe_prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)

@@ -24,10 +24,17 @@ from torch import nn
 from . import stages
 from .config import RunConfig, parse_run_config
 from .constants import (
+    ALPHA,
     ARRAYS,
     CONFIG,
+    CORRELATION,
+    CORRELATION_KEY,
     EXPERT_BANK,
+    EXTRACTOR_PREFIX,
     HEAD_PREFIX,
+    NOISE_MULTIPLIER,
+    NOISE_STD,
+    R_EXT_KEY,
     IN_CHANNELS,
     METRICS,
     NODE_NUM_PARTITIONS,
@@ -49,7 +56,8 @@ from .data import ClientSplits
 from .data.federated import client_splits
 from .models import MLP, state_subset
 from .records import bank_from_record, from_record, to_record
-from .seeding import derive_seed
+from .privacy import GaussianMechanism, privatize
+from .seeding import derive_seed, generator
 from .training import FitStats, Runtime, evaluate, resolve_runtime, set_torch_threads
 from .workspace import cache_dir, client_dir, run_dir
 
@@ -182,6 +190,76 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 
+@app.query("correlation")
+def fedsc_correlation(msg: Message, context: Context) -> Message:
+    """FedSC phase 1: this client's correlation matrix under the global weights,
+    with Gaussian noise (``noise-multiplier`` x sensitivity ``2 mu / n``)."""
+    env = ClientEnv.of(context)
+    x = _ssl_images(env)
+    config = msg.content[CONFIG]
+    rnd = int(config[SERVER_ROUND])
+    model = stages.new_ssl_model(env.cfg, x.shape[1], derive_seed(env.cfg.seed, "fedsc-init"))
+    model.load_state_dict(from_record(msg.content[ARRAYS]))
+    model = env.runtime.prepare(model)
+    r = stages.fedsc_correlation(model, x.to(env.runtime.device), env.cfg, env.runtime, env.seed("corr", rnd))
+    mechanism = GaussianMechanism(float(config.get(NOISE_MULTIPLIER, 0.0)), env.cfg.dp_delta)
+    std = mechanism.noise_std(env.cfg.fedsc_mu, x.shape[0])
+    r = privatize(r, std, generator(env.seed("dp-noise", rnd), env.runtime.device))
+    return Message(
+        RecordDict({
+            CORRELATION: to_record({CORRELATION_KEY: r}),
+            METRICS: MetricRecord({NUM_EXAMPLES: x.shape[0], NOISE_STD: std}),
+        }),
+        reply_to=msg,
+    )
+
+
+def _ssl_images(env: ClientEnv) -> torch.Tensor:
+    """Everything self-supervised training may see: labelled + unlabelled images."""
+    split = env.splits()
+    if split.unlabeled is None:
+        return split.train.images
+    return torch.cat([split.train.images, split.unlabeled.images])
+
+
+@app.train("fedsc")
+def train_fedsc(msg: Message, context: Context) -> Message:
+    """FedSC phase 2: local spectral contrastive training against ``R_ext``."""
+    env = ClientEnv.of(context)
+    x = _ssl_images(env)
+    config = msg.content[CONFIG]
+    rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
+    model = stages.new_ssl_model(env.cfg, x.shape[1], derive_seed(env.cfg.seed, "fedsc-init"))
+    model.load_state_dict(from_record(msg.content[ARRAYS]))
+    model = env.runtime.prepare(model)
+    ext = msg.content[CORRELATION]
+    r_ext = from_record(ext)[R_EXT_KEY].to(env.runtime.device) if R_EXT_KEY in ext else None
+    stats = stages.train_fedsc(
+        model, x.to(env.runtime.device), r_ext, float(config[ALPHA]), env.cfg, env.runtime,
+        lr=stages.fedsc_round_lr(env.cfg, rnd, num_rounds), seed=env.seed("fedsc", rnd),
+    )
+    return _reply(msg, _fit_metrics(stats), to_record(model.state_dict()))
+
+
+@app.evaluate("probe")
+def evaluate_probe(msg: Message, context: Context) -> Message:
+    """Stage-1 extractor quality: kNN on latents (memory: this client's labelled
+    training set; queries: its test set)."""
+    env = ClientEnv.of(context)
+    split = env.splits()
+    rt = env.runtime
+    model = _classifier(env, split)
+    model.load_state_dict({**model.state_dict(), **state_subset(from_record(msg.content[ARRAYS]), [EXTRACTOR_PREFIX])})
+    model = rt.prepare(model)
+    train_h = stages.compute_latents(model.extractor, split.train.images.to(rt.device), env.cfg, rt)
+    test_h = stages.compute_latents(model.extractor, split.test.images.to(rt.device), env.cfg, rt)
+    metrics = stages.knn_metrics(
+        train_h, split.train.labels.to(rt.device), test_h, split.test.labels.to(rt.device),
+        split.test.num_classes, env.cfg.knn_k,
+    )
+    return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
+
+
 @app.train("expert")
 def train_expert(msg: Message, context: Context) -> Message:
     """Stage 2: cache latents of the frozen extractor once, then train this
@@ -198,7 +276,7 @@ def train_expert(msg: Message, context: Context) -> Message:
     }
     torch.save(latents, env.workdir / "latents.pt")
     expert = stages.new_expert(cfg, split.train.num_classes, env.seed("expert-init"))
-    if cfg.expert_init == "head":
+    if cfg.expert_from_head:
         expert.load_state_dict({k.removeprefix(HEAD_PREFIX): v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)})
     expert = rt.prepare(expert)
     y_train, y_test = split.train.labels.to(rt.device), split.test.labels.to(rt.device)

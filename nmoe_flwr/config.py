@@ -48,6 +48,7 @@ class RunConfig(BaseModel):
     partition: Literal["iid", "dominant"] = "dominant"
     tau: float = Field(0.1, gt=0.0, lt=1.0)
     test_distribution: Literal["same", "iid"] = "same"
+    unlabeled_per_client: int = Field(0, ge=0)  # extra samples only FedSC sees
 
     # Shared training settings
     batch_size: int = Field(128, ge=1)
@@ -60,7 +61,9 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(3600.0, gt=0)
 
     # Stage 1: feature extractor
-    fe_method: Literal["fedce"] = "fedce"
+    fe_method: Literal["fedce", "fedsc"] = "fedce"
+    fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per FedSC round
+    knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe of the extractor
     fedce_rounds: int = Field(30, ge=1)
     fedce_local_epochs: int = Field(1, ge=1)
     fedce_average_head: bool = True
@@ -68,10 +71,25 @@ class RunConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
 
+    # Stage 1 with fe-method = "fedsc" (DESIGN.md section 4)
+    fedsc_rounds: int = Field(30, ge=1)
+    fedsc_local_epochs: int = Field(1, ge=1)
+    fedsc_lr: float = Field(0.03, gt=0)
+    fedsc_batch_size: int = Field(256, ge=2)
+    fedsc_mu: float = Field(4.0, gt=0)  # embeddings clipped to norm sqrt(mu)
+    fedsc_alpha_start: float = Field(1.0, ge=0, le=1)
+    fedsc_alpha_end: float = Field(0.2, ge=0, le=1)
+    fedsc_proj_dim: int = Field(128, ge=1)
+    fedsc_corr_passes: int = Field(2, ge=1)  # augmented passes per correlation matrix
+    fedsc_grad_clip: float = Field(3.0, gt=0)
+    fedsc_stale_matrices: Literal["reuse", "drop"] = "reuse"
+    dp_epsilon: float = Field(8.0, gt=0)  # inf turns the noise off
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+
     # Stage 2: personalized experts on cached latents
     expert_epochs: int = Field(30, ge=0)
     expert_lr: float = Field(1e-3, gt=0)
-    expert_init: Literal["head", "scratch"] = "head"
+    expert_init: Literal["auto", "head", "scratch"] = "auto"  # auto: head after FedCE
 
     # Stage 3: gate
     gate_method: Literal["fedgate", "fedavg", "local"] = "fedgate"
@@ -102,7 +120,14 @@ class RunConfig(BaseModel):
             )
         if not math.isfinite(self.round_timeout):
             raise ValueError("round-timeout must be finite")
+        if self.fe_method == "fedsc" and self.expert_init == "head":
+            raise ValueError("expert-init = 'head' needs fe-method = 'fedce' (FedSC trains no head); use 'auto' or 'scratch'")
         return self
+
+    @property
+    def expert_from_head(self) -> bool:
+        """Whether stage 2 fine-tunes the FedCE head (else experts start from scratch)."""
+        return self.expert_init == "head" or (self.expert_init == "auto" and self.fe_method == "fedce")
 
     @property
     def train_k(self) -> int:

@@ -10,6 +10,9 @@ ARRAYS = "arrays"  # model weights (the strategies' default arrayrecord key)
 CONFIG = "config"  # per-message ConfigRecord
 METRICS = "metrics"  # per-reply MetricRecord
 EXPERT_BANK = "expert-bank"  # ArrayRecord of every client's frozen expert
+CORRELATION = "correlation"  # FedSC: ArrayRecord with a correlation matrix
+CORRELATION_KEY = "r"  # ... a client's own (noised) R_i
+R_EXT_KEY = "r-ext"  # ... the weighted mean of the other clients' matrices
 
 # --- Message types (``@app.<category>("<name>")`` on the client) -----------
 MSG_INFO = "query.info"  # node -> partition id, data sizes
@@ -20,11 +23,16 @@ MSG_GATE = "train.gate"  # stage 3: gate training against the frozen bank
 MSG_LOCAL_BASELINE = "train.local_classifier"  # baseline: local data only
 MSG_EVAL_CLASSIFIER = "evaluate.classifier"  # FedCE classifier on the test set
 MSG_EVAL_NMOE = "evaluate.nmoe"  # NMoE prediction on the test set
+MSG_EVAL_PROBE = "evaluate.probe"  # stage-1 extractor quality (kNN on latents)
+MSG_CORRELATION = "query.correlation"  # FedSC phase 1: noised R_i
+MSG_FEDSC = "train.fedsc"  # FedSC phase 2: local spectral contrastive training
 
 # --- Config keys sent by the server -----------------------------------------
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
 SHARED_PREFIXES = "shared-prefixes"  # parameter-name prefixes that are averaged
 NUM_ROUNDS = "num-rounds"  # rounds of the current stage (for LR schedules)
+ALPHA = "alpha"  # FedSC: weight of the local term in the loss
+NOISE_MULTIPLIER = "noise-multiplier"  # FedSC: DP noise std / sensitivity
 
 # --- Metric keys returned by clients ----------------------------------------
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
@@ -39,6 +47,7 @@ TRAIN_ACC = "train-acc"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 ROUTED_TO_NEIGHBOUR = "routed-to-neighbour"  # share of samples sent away
+NOISE_STD = "noise-std"  # FedSC: per-entry std of the noise a client added
 SECONDS = "seconds"  # wall time of the client's work for this message
 
 # --- node_config keys (deployment: --node-config "partition-id=0 ...") ------

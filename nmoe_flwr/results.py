@@ -20,7 +20,19 @@ METHODS = {
     "fedce-classifier": "FedCE end-to-end classifier",
     "local-classifier": "local classifier",
     "centralized-moe": "centralized MoE (upper bound)",
+    "extractor-knn": "extractor kNN probe (stage 1)",
 }
+
+
+def jsonable(value: Any) -> Any:
+    """Replace non-finite floats by the strings "inf", "-inf", "nan" (strict JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 class RunRecorder:
@@ -81,7 +93,7 @@ class RunRecorder:
             self.data["run"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         path = self.folder / "results.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, allow_nan=True))
+        tmp.write_text(json.dumps(jsonable(self.data), indent=2, allow_nan=False))
         os.replace(tmp, path)
         if self.rounds:
             keys = list(dict.fromkeys(k for row in self.rounds for k in row))

@@ -40,13 +40,17 @@ from .constants import (
     MACRO_F1,
     METRICS,
     MSG_EVAL_CLASSIFIER,
+    MSG_CORRELATION,
     MSG_EVAL_NMOE,
+    MSG_EVAL_PROBE,
     MSG_EXPERT,
     MSG_EXPERT_BANK,
     MSG_FEDCE,
+    MSG_FEDSC,
     MSG_GATE,
     MSG_INFO,
     MSG_LOCAL_BASELINE,
+    NOISE_MULTIPLIER,
     NUM_CLASSES,
     NUM_ROUNDS,
     PARTITION_ID,
@@ -56,7 +60,9 @@ from .data.federated import all_client_splits
 from .records import bank_to_record, from_record, to_record
 from .results import RunRecorder
 from .seeding import derive_seed
-from .strategies import PartialFedAvg
+from .privacy import GaussianMechanism
+from .ssl import alpha_at
+from .strategies import FedSC, PartialFedAvg, split_shared
 from .training import resolve_runtime, set_torch_threads
 from .workspace import cache_dir, run_dir
 
@@ -111,9 +117,19 @@ def send_to_all(grid: Grid, contents: Mapping[int, RecordDict], message_type: st
     return {r.metadata.src_node_id: r.content for r in replies}
 
 
-def per_partition(replies: Mapping[int, RecordDict], pids: Mapping[int, int]) -> dict[int, dict[str, float]]:
-    """Reply metrics keyed by partition id."""
-    return {pids[node]: dict(rec[METRICS]) for node, rec in replies.items()}
+def broadcast(grid: Grid, pids: Mapping[int, int], content: RecordDict, message_type: str, timeout: float) -> dict[int, RecordDict]:
+    """Send the same content to every node; replies keyed by partition id."""
+    replies = send_to_all(grid, {node: content for node in pids}, message_type, timeout)
+    return {pids[node]: reply for node, reply in replies.items()}
+
+
+def metrics_of(replies: Mapping[int, RecordDict]) -> dict[int, dict[str, float]]:
+    """The MetricRecord of every reply, as plain dicts."""
+    return {pid: dict(reply[METRICS]) for pid, reply in replies.items()}
+
+
+def _weights(arrays: ArrayRecord) -> RecordDict:
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord()})
 
 
 def _client_metric_table(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
@@ -185,49 +201,40 @@ def main(grid: Grid, context: Context) -> None:
 def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     """The three stages, NMoE evaluation and baselines; records after each."""
     pids, info = _timed(rec, "discover-nodes", lambda: discover_nodes(grid, cfg))
-    nodes = sorted(pids, key=pids.get)
     in_channels, num_classes = int(info[IN_CHANNELS]), int(info[NUM_CLASSES])
+    timeout = cfg.round_timeout
 
-    def every(content: RecordDict) -> dict[int, RecordDict]:
-        return {n: content for n in nodes}
-
-    # Stage 1: FedCE
-    fe_prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
-    init = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init")).state_dict()
-    fe_arrays, fe_rounds = _timed(
-        rec, "stage1-fedce",
-        lambda: run_partial_fedavg(grid, cfg, init, fe_prefixes, MSG_FEDCE, cfg.fedce_rounds),
-    )
-    rec.add_rounds("fedce", fe_rounds)
-    rec.stage("fedce", {"shared-prefixes": list(fe_prefixes), "rounds": fe_rounds})
-    replies = _timed(
-        rec, "eval-fedce-classifier",
-        lambda: send_to_all(grid, every(RecordDict({ARRAYS: fe_arrays, CONFIG: ConfigRecord()})), MSG_EVAL_CLASSIFIER, cfg.round_timeout),
-    )
-    per_client = per_partition(replies, pids)
-    rec.result("fedce-classifier", per_client, stages.mean_metrics(per_client))
+    # Stage 1: the shared extractor
+    if cfg.fe_method == "fedce":
+        fe_arrays = stage_fedce(grid, cfg, rec, pids, in_channels, num_classes)
+    else:
+        fe_arrays = _timed(rec, "stage1-fedsc", lambda: stage_fedsc(grid, cfg, rec, in_channels))
+    extractor_arrays, _ = split_shared(fe_arrays, (EXTRACTOR_PREFIX, HEAD_PREFIX))
+    per_client = metrics_of(_timed(
+        rec, "eval-extractor-knn", lambda: broadcast(grid, pids, _weights(extractor_arrays), MSG_EVAL_PROBE, timeout)
+    ))
+    rec.result("extractor-knn", per_client, stages.mean_metrics(per_client))
     rec.save()
     if cfg.stages == "fe":
         return
 
     # Stage 2: personalized experts
     replies = _timed(
-        rec, "stage2-experts",
-        lambda: send_to_all(grid, every(RecordDict({ARRAYS: fe_arrays, CONFIG: ConfigRecord()})), MSG_EXPERT, cfg.round_timeout),
+        rec, "stage2-experts", lambda: broadcast(grid, pids, _weights(extractor_arrays), MSG_EXPERT, timeout)
     )
-    bank = {pids[node]: from_record(content[ARRAYS]) for node, content in replies.items()}
+    bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     expert_metrics = {
         pid: {k.removeprefix("expert-"): v for k, v in m.items() if k.startswith("expert-")}
-        for pid, m in per_partition(replies, pids).items()
+        for pid, m in metrics_of(replies).items()
     }
-    rec.stage("experts", {"per-client": {str(k): v for k, v in per_partition(replies, pids).items()}})
+    rec.stage("experts", {"per-client": {str(k): v for k, v in metrics_of(replies).items()}})
     rec.result("personalized-expert", expert_metrics, stages.mean_metrics(expert_metrics))
     rec.save()
 
     # Stage 3: gate against the frozen bank
     _timed(
         rec, "stage3-send-bank",
-        lambda: send_to_all(grid, every(RecordDict({EXPERT_BANK: bank_to_record(bank)})), MSG_EXPERT_BANK, cfg.round_timeout),
+        lambda: broadcast(grid, pids, RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK, timeout),
     )
     gate_prefixes = GATE_SHARED[cfg.gate_method]
     gate_init = stages.new_gate(cfg, derive_seed(cfg.seed, "gate-init")).state_dict()
@@ -237,26 +244,84 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     )
     rec.add_rounds("gate", gate_rounds)
     rec.stage("gate", {"method": cfg.gate_method, "shared-prefixes": list(gate_prefixes), "rounds": gate_rounds})
-    replies = _timed(
-        rec, "eval-nmoe",
-        lambda: send_to_all(grid, every(RecordDict({ARRAYS: gate_arrays, CONFIG: ConfigRecord()})), MSG_EVAL_NMOE, cfg.round_timeout),
-    )
-    per_client = per_partition(replies, pids)
+    per_client = metrics_of(_timed(
+        rec, "eval-nmoe", lambda: broadcast(grid, pids, _weights(gate_arrays), MSG_EVAL_NMOE, timeout)
+    ))
     rec.result("nmoe", per_client, _client_metric_table(per_client))
     rec.save()
 
     # Baselines
     if cfg.local_baseline:
-        replies = _timed(
+        per_client = metrics_of(_timed(
             rec, "baseline-local-classifier",
-            lambda: send_to_all(grid, every(RecordDict({CONFIG: ConfigRecord()})), MSG_LOCAL_BASELINE, cfg.round_timeout),
-        )
-        per_client = per_partition(replies, pids)
+            lambda: broadcast(grid, pids, RecordDict({CONFIG: ConfigRecord()}), MSG_LOCAL_BASELINE, timeout),
+        ))
         rec.result("local-classifier", per_client, stages.mean_metrics(per_client))
         rec.save()
     if cfg.centralized_baseline:
         _timed(rec, "baseline-centralized-moe", lambda: centralized_baseline(cfg, rec, in_channels, num_classes))
         rec.save()
+
+
+def stage_fedce(
+    grid: Grid, cfg: RunConfig, rec: RunRecorder, pids: Mapping[int, int], in_channels: int, num_classes: int
+) -> ArrayRecord:
+    """Stage 1 by FedCE, then the FedCE end-to-end classifier on every test set."""
+    prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
+    init = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init")).state_dict()
+    arrays, rounds = _timed(
+        rec, "stage1-fedce", lambda: run_partial_fedavg(grid, cfg, init, prefixes, MSG_FEDCE, cfg.fedce_rounds)
+    )
+    rec.add_rounds("fedce", rounds)
+    rec.stage("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds})
+    per_client = metrics_of(_timed(
+        rec, "eval-fedce-classifier",
+        lambda: broadcast(grid, pids, _weights(arrays), MSG_EVAL_CLASSIFIER, cfg.round_timeout),
+    ))
+    rec.result("fedce-classifier", per_client, stages.mean_metrics(per_client))
+    rec.save()
+    return arrays
+
+
+def stage_fedsc(grid: Grid, cfg: RunConfig, rec: RunRecorder, in_channels: int) -> ArrayRecord:
+    """Stage 1 by FedSC, with the privacy budget of the shared matrices accounted."""
+    num_rounds = cfg.fedsc_rounds
+    mechanism = GaussianMechanism.for_budget(cfg.dp_epsilon, cfg.dp_delta, num_rounds)
+    log(INFO, "FedSC: noise multiplier %.3f for (epsilon %s, delta %g) over %d rounds",
+        mechanism.noise_multiplier, cfg.dp_epsilon, cfg.dp_delta, num_rounds)
+    strategy = FedSC(
+        alpha=lambda r: alpha_at(r, num_rounds, cfg.fedsc_alpha_start, cfg.fedsc_alpha_end),
+        correlation_message_type=MSG_CORRELATION,
+        train_message_type=MSG_FEDSC,
+        stale_matrices=cfg.fedsc_stale_matrices,
+        timeout=cfg.round_timeout,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_available_nodes=cfg.num_clients,
+    )
+    init = stages.new_ssl_model(cfg, in_channels, derive_seed(cfg.seed, "fedsc-init")).state_dict()
+    result = strategy.start(
+        grid=grid, initial_arrays=to_record(init), num_rounds=num_rounds, timeout=cfg.round_timeout,
+        train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
+    )
+    if len(result.train_metrics_clientapp) != num_rounds:
+        raise ClientFailure(f"FedSC: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated")
+    rounds = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+    releases = max(strategy.releases.values(), default=0)
+    spent = mechanism.epsilon(releases)
+    log(INFO, "FedSC: epsilon spent %.3f (delta %g) after %d releases per client", spent, cfg.dp_delta, releases)
+    rec.add_rounds("fedsc", rounds)
+    rec.stage("fedsc", {
+        "rounds": rounds,
+        "noise-multiplier": mechanism.noise_multiplier,
+        "dp-epsilon-target": cfg.dp_epsilon,
+        "dp-delta": cfg.dp_delta,
+        "dp-epsilon-spent": spent,
+        "matrix-releases-per-client-max": releases,
+        "stale-matrices": cfg.fedsc_stale_matrices,
+    })
+    rec.save()
+    return result.arrays
 
 
 def centralized_baseline(cfg: RunConfig, rec: RunRecorder, in_channels: int, num_classes: int) -> None:

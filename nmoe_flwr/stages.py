@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .config import RunConfig
 from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
 from .data import ImageSet
-from .data.augment import random_crop_flip
+from .data.augment import color_jitter_grayscale, random_crop_flip, random_resized_crop_flip, two_views
 from .models import (
     MLP,
     CentralizedMoE,
@@ -30,6 +30,7 @@ from .models import (
     route,
 )
 from .seeding import derive_seed, generator, seeded
+from .ssl import SSLModel, clip_norm, spectral_loss
 from .training import (
     FitStats,
     Runtime,
@@ -262,3 +263,88 @@ def mean_metrics(per_client: Mapping[int, Mapping[str, float]], keys: Sequence[s
     """Unweighted mean over clients (the paper's "average accuracy and F1")."""
     rows = list(per_client.values())
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}
+
+
+# --- Stage 1 alternative: FedSC ----------------------------------------------
+
+
+def new_ssl_model(cfg: RunConfig, in_channels: int, seed: int) -> SSLModel:
+    """A freshly initialised extractor + projector (seeded)."""
+    with seeded(seed):
+        return SSLModel(in_channels, cfg.fedsc_proj_dim)
+
+
+def _one_view(x: Tensor, g: torch.Generator) -> Tensor:
+    v = random_resized_crop_flip(x, g)
+    return color_jitter_grayscale(v, g) if x.shape[1] == 3 else v
+
+
+@torch.no_grad()
+def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runtime, seed: int) -> Tensor:
+    """A client's correlation matrix ``R_i`` under the current weights.
+
+    ``(1 / (P n)) sum_{p, x} z z^T`` over ``P = fedsc-corr-passes`` augmented
+    passes of its ``n`` samples, every ``z`` clipped to norm ``sqrt(mu)``
+    (which bounds the sensitivity, :mod:`nmoe_flwr.privacy`).
+    """
+    model.eval()
+    g = generator(seed, runtime.device)
+    d = cfg.fedsc_proj_dim
+    acc = torch.zeros(d, d, device=runtime.device, dtype=torch.float64)
+    for _ in range(cfg.fedsc_corr_passes):
+        for start in range(0, x.shape[0], cfg.fedsc_batch_size * 2):
+            view = _one_view(x[start : start + cfg.fedsc_batch_size * 2], g)
+            with runtime.autocast():
+                z = model(runtime.inputs(view)).float()
+            z = clip_norm(z, cfg.fedsc_mu).double()
+            acc += z.T @ z
+    return (acc / (cfg.fedsc_corr_passes * x.shape[0])).float()
+
+
+def train_fedsc(
+    model: SSLModel,
+    x: Tensor,
+    r_ext: Tensor | None,
+    alpha: float,
+    cfg: RunConfig,
+    runtime: Runtime,
+    *,
+    lr: float,
+    seed: int,
+) -> FitStats:
+    """One round of FedSC's local training: two augmented views per sample,
+    spectral contrastive loss against ``R_ext`` (SGD momentum, weight decay,
+    gradient-norm clip ``fedsc-grad-clip``, as in FedSC's public code)."""
+    g = generator(derive_seed(seed, "views"), runtime.device)
+
+    def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        v0, v1 = two_views(batch[0], g)
+        z0, z1 = m(runtime.inputs(v0)), m(runtime.inputs(v1))
+        return spectral_loss(z0, z1, alpha, r_ext, cfg.fedsc_mu), torch.zeros((), device=v0.device)
+
+    opts = make_optimizers(model, "sgd", lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return fit(
+        model, loss_fn, (x,),
+        epochs=cfg.fedsc_local_epochs, batch_size=cfg.fedsc_batch_size, optimizers=opts, runtime=runtime,
+        generator=generator(seed, runtime.device), grad_clip=cfg.fedsc_grad_clip,
+    )
+
+
+def fedsc_round_lr(cfg: RunConfig, server_round: int, num_rounds: int) -> float:
+    """FedSC learning rate: cosine decay over the rounds from ``fedsc-lr``."""
+    return cfg.fedsc_lr * cosine((server_round - 1) / max(num_rounds, 1))
+
+
+@torch.no_grad()
+def knn_metrics(
+    train_h: Tensor, train_y: Tensor, test_h: Tensor, test_y: Tensor, num_classes: int, k: int, temperature: float = 0.07
+) -> dict[str, float]:
+    """Weighted kNN probe of an extractor (Wu et al. 2018): cosine similarity
+    to the client's labelled training latents, votes ``exp(sim / T)`` of the
+    ``k`` nearest. Accuracy and macro-F1 on the test latents."""
+    a = nn.functional.normalize(train_h.float(), dim=1)
+    b = nn.functional.normalize(test_h.float(), dim=1)
+    sim, idx = (b @ a.T).topk(min(k, a.shape[0]), dim=1)  # (n_test, k)
+    votes = torch.zeros(b.shape[0], num_classes, device=b.device)
+    votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return classification_metrics(votes.argmax(1), test_y, num_classes)

@@ -46,6 +46,7 @@ class ClientSplits:
 
     train: ImageSet
     test: ImageSet
+    unlabeled: ImageSet | None = None  # extra samples only self-supervised training sees
 
 
 def make_client_splits(
@@ -59,6 +60,7 @@ def make_client_splits(
     tau: float,
     test_distribution: str,
     seed: int,
+    unlabeled_per_client: int = 0,
 ) -> list[ClientSplits]:
     """Build every client's train/test data.
 
@@ -66,7 +68,11 @@ def make_client_splits(
     ``tau`` and ``seed``.  Test data follow the same scheme when
     ``test_distribution == "same"`` (each client is tested on its own
     distribution) or ``"iid"`` when ``test_distribution == "iid"``, drawn with
-    ``seed + 1`` so the random stream differs from the training one.  Clients'
+    ``seed + 1`` so the random stream differs from the training one.
+    ``unlabeled_per_client`` extra training samples per client (same scheme,
+    ``seed + 2``) come from the training samples left over by the labelled
+    partition; they carry labels in memory but only self-supervised stages
+    may use them.  Clients'
     sets are pairwise disjoint within each split.
 
     Raises
@@ -85,4 +91,16 @@ def make_client_splits(
     test_idx = partition_indices(
         test.labels.numpy(), num_clients, test_per_client, test_scheme, tau, seed + 1
     )
-    return [ClientSplits(subset(train, a), subset(test, b)) for a, b in zip(train_idx, test_idx)]
+    unlabeled: list[ImageSet | None] = [None] * num_clients
+    if unlabeled_per_client > 0:
+        # Drawn from the training samples no client got as labelled data, with the
+        # client's own class mix, so labelled, unlabelled and test sets are disjoint.
+        pool = np.setdiff1d(np.arange(len(train)), np.concatenate(train_idx))
+        pool_idx = partition_indices(
+            train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
+        )
+        unlabeled = [subset(train, pool[i]) for i in pool_idx]
+    return [
+        ClientSplits(subset(train, a), subset(test, b), u)
+        for a, b, u in zip(train_idx, test_idx, unlabeled)
+    ]

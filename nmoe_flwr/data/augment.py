@@ -6,6 +6,8 @@ tensor indexing, which costs well under 1 % of a ResNet20 training step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,3 +44,82 @@ def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
     batch = torch.arange(b, device=dev).view(b, 1, 1, 1)
     chan = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
     return x[batch, chan, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def random_resized_crop_flip(
+    x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.2, 1.0)
+) -> Tensor:
+    """SimCLR's random resized crop and horizontal flip, for a whole batch at once.
+
+    One affine ``grid_sample`` per batch: each sample gets its own crop
+    (area fraction in ``scale``, aspect ratio in [3/4, 4/3]) resized back to
+    the input size, flipped with probability 1/2.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(B, C, H, W)`` images, uint8 or float in [0, 255].
+    generator : torch.Generator
+        Seeded source of randomness on ``x.device``.
+
+    Returns
+    -------
+    Tensor
+        ``(B, C, H, W)`` float32 images in [0, 255].
+    """
+    b, dev = x.shape[0], x.device
+    u = torch.rand(b, 5, device=dev, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)  # crop centre in [-1, 1] coordinates, crop inside the image
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter_grayscale(
+    x: Tensor,
+    generator: torch.Generator,
+    strength: float = 0.4,
+    p_jitter: float = 0.8,
+    p_gray: float = 0.2,
+) -> Tensor:
+    """SimCLR's colour distortion on float RGB batches in [0, 255]: brightness,
+    contrast and saturation jitter (each factor in ``[1 - s, 1 + s]``, applied
+    with probability ``p_jitter``), then grayscale with probability ``p_gray``."""
+    b, dev = x.shape[0], x.device
+    u = torch.rand(b, 5, device=dev, generator=generator)
+    factors = 1 + strength * (2 * u[:, :3] - 1)  # (B, 3)
+    apply = (u[:, 3] < p_jitter).float()
+    factors = 1 + apply[:, None] * (factors - 1)
+    bright, contrast, sat = (factors[:, i].view(b, 1, 1, 1) for i in range(3))
+    gray_w = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+    x = x * bright
+    mean = (x * gray_w).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = (x * gray_w).sum(1, keepdim=True)
+    x = (x - gray) * sat + gray
+    to_gray = (u[:, 4] < p_gray).view(b, 1, 1, 1)
+    x = torch.where(to_gray, (x * gray_w).sum(1, keepdim=True).expand_as(x), x)
+    return x.clamp(0, 255)
+
+
+def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two independently augmented views of a batch (FedSC / SimCLR).
+
+    Crop + flip always; colour jitter and grayscale only for 3-channel
+    input, where colour is information the views should not rely on.
+    """
+    views = []
+    for _ in range(2):
+        v = random_resized_crop_flip(x, generator)
+        if x.shape[1] == 3:
+            v = color_jitter_grayscale(v, generator)
+        views.append(v)
+    return views[0], views[1]

@@ -36,6 +36,7 @@ def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
         num_clients=cfg.num_clients, train_per_client=cfg.train_per_client,
         test_per_client=cfg.test_per_client, partition=cfg.partition, tau=cfg.tau,
         test_distribution=cfg.test_distribution, seed=cfg.seed,
+        unlabeled_per_client=cfg.unlabeled_per_client,
     )
 
 
@@ -48,19 +49,18 @@ def client_splits(cfg, partition_id: int, workdir: Path, cache: Path | None) -> 
     path = workdir / "data.pt"
     if path.exists():
         blob = torch.load(path, weights_only=True)
-        return ClientSplits(
-            ImageSet(blob["train_x"], blob["train_y"], int(blob["num_classes"])),
-            ImageSet(blob["test_x"], blob["test_y"], int(blob["num_classes"])),
-        )
+        c = int(blob["num_classes"])
+        unlabeled = ImageSet(blob["unl_x"], blob["unl_y"], c) if "unl_x" in blob else None
+        return ClientSplits(ImageSet(blob["train_x"], blob["train_y"], c), ImageSet(blob["test_x"], blob["test_y"], c), unlabeled)
     split = all_client_splits(cfg, cache)[partition_id]
+    blob = {
+        "train_x": split.train.images, "train_y": split.train.labels,
+        "test_x": split.test.images, "test_y": split.test.labels,
+        "num_classes": split.train.num_classes,
+    }
+    if split.unlabeled is not None:
+        blob |= {"unl_x": split.unlabeled.images, "unl_y": split.unlabeled.labels}
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "train_x": split.train.images, "train_y": split.train.labels,
-            "test_x": split.test.images, "test_y": split.test.labels,
-            "num_classes": split.train.num_classes,
-        },
-        tmp,
-    )
+    torch.save(blob, tmp)
     tmp.replace(path)
     return split

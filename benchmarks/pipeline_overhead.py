@@ -124,19 +124,10 @@ def main() -> int:
 
 
 def _launch_flwr(preset: str, overrides: list[str], tmp: Path) -> tuple[str, dict]:
-    """The preset plus overrides as one run-config TOML file, through nmoe-run."""
-    import tomllib
-
-    raw = tomllib.loads(Path(preset).read_text())
-    for item in overrides:
-        key, _, value = item.partition("=")
-        raw[key] = tomllib.loads(f"v = {value}")["v"]
-    lines = [f"{k} = {json.dumps(v)}" for k, v in raw.items()]
-    config = tmp / "bench.toml"
-    config.write_text("\n".join(lines) + "\n")
+    """The preset plus overrides through nmoe-run (``flwr run`` in local simulation)."""
     return launch(
-        ROOT, str(config), flwr_home=tmp / "flwr", log_file=tmp / "flwr.log",
-        extra_env={"NMOE_OUTPUT_DIR": str(tmp / "flwr-out")},
+        ROOT, preset, flwr_home=tmp / "flwr", log_file=tmp / "flwr.log",
+        extra_env={"NMOE_OUTPUT_DIR": str(tmp / "flwr-out")}, overrides=[" ".join(overrides)],
     )
 
 

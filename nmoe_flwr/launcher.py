@@ -111,19 +111,28 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
         stop_group(proc)
 
 
-def run_config_value(app: Path, run_config: str | None, key: str) -> object:
-    """A key of the effective run config: the override (TOML file or
-    ``"k=v ..."``) or else the app's default in ``pyproject.toml``."""
+def merged_run_config(run_config: str | None, overrides: list[str] | None = None) -> dict:
+    """The run-config overrides of a preset (TOML file or ``"k=v ..."``) plus
+    ``overrides`` (``"k=v ..."`` strings, TOML values), later ones winning.
+
+    ``flwr run`` accepts a TOML file *or* key-value pairs, not both; merging
+    them here lets a preset be varied on the command line.
+    """
+    from flwr.common.config import parse_config_args
+
+    merged: dict = {}
     if run_config:
         path = Path(run_config)
-        if path.is_file():
-            overrides = tomllib.loads(path.read_text())
-        else:
-            from flwr.common.config import parse_config_args
+        merged.update(tomllib.loads(path.read_text()) if path.is_file() else parse_config_args([run_config]))
+    if overrides:
+        merged.update(parse_config_args(list(overrides)))
+    return merged
 
-            overrides = parse_config_args([run_config])
-        if key in overrides:
-            return overrides[key]
+
+def run_config_value(app: Path, merged: dict, key: str) -> object:
+    """A key of the effective run config: the override, else the app's default."""
+    if key in merged:
+        return merged[key]
     return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"][key]
 
 
@@ -156,21 +165,31 @@ def launch(
     timeout: float = 6 * 3600,
     log_file: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    overrides: list[str] | None = None,
 ) -> tuple[str, dict]:
     """Run the app through ``flwr run`` and return ``(status, flwr ls record)``.
 
     Streams the run's log to stdout (and to ``log_file`` if given);
-    ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``).
+    ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``);
+    ``overrides`` (``"k=v ..."``) are applied on top of ``run_config``.
     """
     app = app.resolve()
     flwr_home = (flwr_home or app / ".flwr").resolve()
     env = {**offline_env(flwr_home), **(extra_env or {})}
-    n = num_supernodes or int(run_config_value(app, run_config, "num-clients"))
+    merged = merged_run_config(run_config, overrides)
+    n = num_supernodes or int(run_config_value(app, merged, "num-clients"))
     federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"
     if gpus_per_client:
         federation += f" client-resources-num-gpus={gpus_per_client}"
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
-    if run_config:
+    if overrides:
+        import tomli_w
+
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        merged_file = flwr_home / "run-config.toml"
+        merged_file.write_text(tomli_w.dumps(merged))
+        cmd += ["--run-config", str(merged_file)]
+    elif run_config:
         cmd += ["--run-config", run_config]
     print("+ " + shlex.join(cmd), flush=True)
     run_id = None
@@ -208,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--app", type=Path, default=Path("."), help="Flower app folder (default: .)")
     parser.add_argument("--run-config", help='preset TOML file (e.g. configs/smoke.toml) or "key=value ..." overrides')
+    parser.add_argument(
+        "--set", action="append", default=[], metavar='"KEY=VALUE ..."',
+        help="override keys on top of --run-config (TOML values, e.g. --set \"fedsc-rounds=10 dp-epsilon=inf\"); repeatable",
+    )
     parser.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-clients of the run config)")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="client-resources-num-cpus (default 1: one torch thread per client)")
     parser.add_argument("--gpus-per-client", type=float, default=0.0, help="client-resources-num-gpus, e.g. 0.1 to share one GPU by 10 clients")
@@ -217,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     status, record = launch(
         args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
-        args.flwr_home, args.timeout, args.log_file,
+        args.flwr_home, args.timeout, args.log_file, overrides=args.set,
     )
     print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
     return 0 if status == "finished:completed" else 1

@@ -73,3 +73,19 @@ def test_bad_config_value_fails_the_run_fast(tmp_path):
 def test_no_process_left_behind(smoke_run):
     _, _, _, tmp = smoke_run
     assert _processes_mentioning(str(tmp)) == []
+
+
+def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
+    out = tmp_path / "out"
+    status, record = launch(
+        ROOT, str(ROOT / "configs" / "fedsc-smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
+        log_file=tmp_path / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(out)},
+    )
+    assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
+    results = json.loads((out / "fedsc-smoke" / "results.json").read_text())
+    fedsc = results["stages"]["fedsc"]
+    assert 0 < fedsc["dp-epsilon-spent"] <= 8.0 * 1.01 and fedsc["noise-multiplier"] > 0
+    assert fedsc["matrix-releases-per-client-max"] == 3
+    assert set(results["results"]["extractor-knn"]["per-client"]) == {"0", "1", "2", "3"}
+    assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.5
+    assert _processes_mentioning(str(tmp_path)) == []

@@ -26,19 +26,21 @@ from .config import RunConfig, parse_run_config
 from .constants import (
     ALPHA,
     ARRAYS,
+    ASSIGNED_EXPERTS,
     CONFIG,
     CORRELATION,
     CORRELATION_KEY,
     EXPERT_BANK,
+    EXPERT_IMPROVEMENT,
+    EXPERT_ROUTED,
     EXTRACTOR_PREFIX,
     HEAD_PREFIX,
-    NOISE_MULTIPLIER,
-    NOISE_STD,
-    R_EXT_KEY,
     IN_CHANNELS,
     METRICS,
     NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
+    NOISE_MULTIPLIER,
+    NOISE_STD,
     NUM_CLASSES,
     NUM_EXAMPLES,
     NUM_EXPERTS,
@@ -46,6 +48,8 @@ from .constants import (
     NUM_TEST,
     NUM_TRAIN,
     PARTITION_ID,
+    R_EXT_KEY,
+    ROUTING_SHARE,
     SECONDS,
     SERVER_ROUND,
     SHARED_PREFIXES,
@@ -55,8 +59,8 @@ from .constants import (
 from .data import ClientSplits
 from .data.federated import client_splits
 from .models import MLP, state_subset
-from .records import bank_from_record, from_record, to_record
 from .privacy import GaussianMechanism, privatize
+from .records import bank_from_record, from_record, to_record
 from .seeding import derive_seed, generator
 from .training import FitStats, Runtime, evaluate, resolve_runtime, set_torch_threads
 from .workspace import cache_dir, client_dir, run_dir
@@ -260,6 +264,18 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 
+def _cache_latents(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Latents of the frozen extractor for the train and test sets, computed once
+    and kept on the client's disk for the later stages."""
+    rt, cfg = env.runtime, env.cfg
+    latents = {
+        name: stages.compute_latents(model.extractor, data.images.to(rt.device), cfg, rt).cpu()
+        for name, data in (("train", split.train), ("test", split.test))
+    }
+    torch.save(latents, env.workdir / "latents.pt")
+    return latents
+
+
 @app.train("expert")
 def train_expert(msg: Message, context: Context) -> Message:
     """Stage 2: cache latents of the frozen extractor once, then train this
@@ -270,11 +286,7 @@ def train_expert(msg: Message, context: Context) -> Message:
     _load_partial(model, msg, context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
-    latents = {
-        "train": stages.compute_latents(model.extractor, split.train.images.to(rt.device), cfg, rt).cpu(),
-        "test": stages.compute_latents(model.extractor, split.test.images.to(rt.device), cfg, rt).cpu(),
-    }
-    torch.save(latents, env.workdir / "latents.pt")
+    latents = _cache_latents(env, split, model)
     expert = stages.new_expert(cfg, split.train.num_classes, env.seed("expert-init"))
     if cfg.expert_from_head:
         expert.load_state_dict({k.removeprefix(HEAD_PREFIX): v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)})
@@ -285,6 +297,65 @@ def train_expert(msg: Message, context: Context) -> Message:
     own = evaluate(expert, latents["test"].to(rt.device), y_test, split.test.num_classes, cfg.batch_size * 4, rt)
     metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{f"expert-{k}": v for k, v in own.items()}}
     return _reply(msg, metrics, to_record(expert.state_dict()))
+
+
+@app.query("latents")
+def cache_latents(msg: Message, context: Context) -> Message:
+    """Cache latents of the extractor the server sends (alignment pipeline)."""
+    env = ClientEnv.of(context)
+    split = env.splits()
+    model = _classifier(env, split)
+    model.load_state_dict({**model.state_dict(), **from_record(msg.content[ARRAYS])})
+    latents = _cache_latents(env, split, env.runtime.prepare(model))
+    return _reply(msg, {PARTITION_ID: env.partition_id, NUM_TRAIN: latents["train"].shape[0]})
+
+
+def _global_moe(env: ClientEnv, msg: Message, num_classes: int) -> nn.Module:
+    model = stages.new_global_moe(env.cfg, num_classes, derive_seed(env.cfg.seed, "moe-init"))
+    received = from_record(msg.content[ARRAYS])
+    unknown = set(received) - set(model.state_dict())
+    if unknown:
+        raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
+    model.load_state_dict({**model.state_dict(), **received})
+    return env.runtime.prepare(model)
+
+
+@app.train("moe")
+def train_moe(msg: Message, context: Context) -> Message:
+    """Alignment: train the gate and the assigned experts (routing restricted
+    to them) on cached latents; return them with the feedback the server's
+    fitness and usage scores need."""
+    env = ClientEnv.of(context)
+    split = env.splits()
+    rt = env.runtime
+    latents = torch.load(env.workdir / "latents.pt", weights_only=True)["train"].to(rt.device)
+    config = msg.content[CONFIG]
+    assigned = [int(j) for j in config[ASSIGNED_EXPERTS]]
+    model = _global_moe(env, msg, split.train.num_classes)
+    out = stages.train_moe_round(
+        model, assigned, latents, split.train.labels.to(rt.device), env.cfg, rt, env.seed("moe", int(config[SERVER_ROUND]))
+    )
+    state = model.state_dict()
+    keep = ("gate.", *(f"experts.{j}." for j in assigned))
+    metrics = {
+        **_fit_metrics(out["stats"]),
+        EXPERT_ROUTED: [float(out["routed"][j]) for j in assigned],
+        EXPERT_IMPROVEMENT: [float(out["improvement"][j]) for j in assigned],
+        ROUTING_SHARE: [float(v) for v in out["routing-share"]],
+    }
+    return _reply(msg, metrics, to_record({k: v for k, v in state.items() if k.startswith(keep)}))
+
+
+@app.evaluate("moe")
+def evaluate_moe(msg: Message, context: Context) -> Message:
+    """Alignment: the global MoE (top-k over all experts) on this client's test set."""
+    env = ClientEnv.of(context)
+    split = env.splits()
+    rt = env.runtime
+    latents = torch.load(env.workdir / "latents.pt", weights_only=True)["test"].to(rt.device)
+    model = _global_moe(env, msg, split.test.num_classes)
+    metrics = stages.moe_metrics(model, latents, split.test.labels.to(rt.device), split.test.num_classes, env.cfg.top_k)
+    return _reply(msg, {NUM_EXAMPLES: len(split.test), **metrics})
 
 
 @app.query("expert_bank")

@@ -37,6 +37,7 @@ class RunConfig(BaseModel):
     run_name: str = ""  # "" -> "run-<flower run id>"
     output_dir: str = ""  # "" -> $NMOE_OUTPUT_DIR, else ./outputs
     stages: Literal["all", "fe"] = "all"  # "fe": stop after stage 1 (benchmarks)
+    pipeline: Literal["nmoe", "alignment"] = "nmoe"  # alignment: global MoE with expert assignment
 
     # Data and partitioning (NMoE paper, Sec. IV-A)
     dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
@@ -103,6 +104,24 @@ class RunConfig(BaseModel):
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
     top_k: int = Field(1, ge=1)
 
+    # Capacity-aware global MoE (pipeline = "alignment")
+    num_experts: int = Field(16, ge=2)
+    capacity_tiers: str = ""  # "<tier>:<clients>,..."; "" -> every client "jetson-orin"
+    assignment: Literal["random", "greedy", "load-balanced", "optimal"] = "load-balanced"
+    moe_rounds: int = Field(40, ge=1)
+    moe_local_epochs: int = Field(1, ge=1)
+    moe_lr: float = Field(1e-3, gt=0)
+    moe_train_top_k: int = Field(2, ge=1)
+    fitness_beta: float = Field(0.5, gt=0, le=1)
+    fitness_gamma: float = Field(0.9, ge=0, le=1)
+    fitness_improvement_weight: float = Field(1.0, ge=0)
+    usage_delta: float = Field(0.7, ge=0, lt=1)
+    fitness_weight: float = Field(1.0, ge=0)
+    usage_weight: float = Field(1.0, ge=0)
+    load_cap_slack: float = Field(1.0, ge=1)
+    target_accuracy: float = Field(0.7, gt=0, le=1)
+    extractor_checkpoint: str = ""  # extractor state (.pt) to reuse instead of training stage 1
+
     # Baselines
     local_baseline: bool = True
     local_epochs: int = Field(30, ge=1)
@@ -122,7 +141,16 @@ class RunConfig(BaseModel):
             raise ValueError("round-timeout must be finite")
         if self.fe_method == "fedsc" and self.expert_init == "head":
             raise ValueError("expert-init = 'head' needs fe-method = 'fedce' (FedSC trains no head); use 'auto' or 'scratch'")
+        if self.pipeline == "alignment":
+            from .capacity import parse_tiers
+
+            parse_tiers(self.tiers_spec, self.num_clients)  # raises naming the bad entry
         return self
+
+    @property
+    def tiers_spec(self) -> str:
+        """``capacity-tiers``, defaulting to every client being a Jetson Orin."""
+        return self.capacity_tiers or f"jetson-orin:{self.num_clients}"
 
     @property
     def expert_from_head(self) -> bool:

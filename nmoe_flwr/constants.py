@@ -26,11 +26,15 @@ MSG_EVAL_NMOE = "evaluate.nmoe"  # NMoE prediction on the test set
 MSG_EVAL_PROBE = "evaluate.probe"  # stage-1 extractor quality (kNN on latents)
 MSG_CORRELATION = "query.correlation"  # FedSC phase 1: noised R_i
 MSG_FEDSC = "train.fedsc"  # FedSC phase 2: local spectral contrastive training
+MSG_LATENTS = "query.latents"  # cache latents of a frozen extractor
+MSG_MOE = "train.moe"  # alignment: gate + assigned experts of the global MoE
+MSG_EVAL_MOE = "evaluate.moe"  # alignment: the global MoE on the test set
 
 # --- Config keys sent by the server -----------------------------------------
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
 SHARED_PREFIXES = "shared-prefixes"  # parameter-name prefixes that are averaged
 NUM_ROUNDS = "num-rounds"  # rounds of the current stage (for LR schedules)
+ASSIGNED_EXPERTS = "assigned-experts"  # alignment: experts a client trains this round
 ALPHA = "alpha"  # FedSC: weight of the local term in the loss
 NOISE_MULTIPLIER = "noise-multiplier"  # FedSC: DP noise std / sensitivity
 
@@ -48,6 +52,9 @@ ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 ROUTED_TO_NEIGHBOUR = "routed-to-neighbour"  # share of samples sent away
 NOISE_STD = "noise-std"  # FedSC: per-entry std of the noise a client added
+EXPERT_ROUTED = "expert-routed"  # alignment: samples routed to each assigned expert
+EXPERT_IMPROVEMENT = "expert-improvement"  # alignment: relative loss improvement per assigned expert
+ROUTING_SHARE = "routing-share"  # alignment: share of samples the full router sends to each expert
 SECONDS = "seconds"  # wall time of the client's work for this message
 
 # --- node_config keys (deployment: --node-config "partition-id=0 ...") ------

@@ -29,10 +29,11 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import tomllib
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 

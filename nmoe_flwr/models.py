@@ -292,6 +292,47 @@ class CentralizedMoE(nn.Module):
         return nmoe_combine(h, weights, index, self.experts)
 
 
+class GlobalMoE(nn.Module):
+    """A global MoE on latents: one gate over ``num_experts`` experts.
+
+    The model of capacity-aware federated MoE training (alignment paper):
+    keys ``gate.*`` and ``experts.<j>.*``; a client trains the gate and only
+    the experts it was assigned (``allowed``), routing restricted to them.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, num_experts: int) -> None:
+        super().__init__()
+        self.gate = Gate(in_dim, hidden, num_experts)
+        self.experts = nn.ModuleList(MLP(in_dim, hidden, num_classes) for _ in range(num_experts))
+
+    def forward(
+        self,
+        h: Tensor,
+        k: int,
+        allowed: Sequence[int] | None = None,
+        noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mixture class probabilities ``(B, C)`` and the top-1 expert ``(B,)``.
+
+        With ``allowed``, the gate's scores of all other experts are masked
+        out and only the allowed experts run; ``k`` is capped at their number.
+        """
+        logits = self.gate(h)
+        ids = list(range(len(self.experts))) if allowed is None else list(allowed)
+        if allowed is not None:
+            mask = torch.full_like(logits, float("-inf"))
+            mask[:, ids] = 0.0
+            logits = logits + mask
+        weights, index = route(logits, min(k, len(ids)), noise_std, generator)
+        if self.training:
+            probs = torch.zeros(h.shape[0], len(self.experts), self.experts[0].net[-1].out_features, device=h.device)
+            for j in ids:  # every allowed expert runs, so every one gets gradient
+                probs[:, j] = self.experts[j](h).float().softmax(-1)
+            return mixture_probs(weights.float(), index, probs), index[:, 0]
+        return nmoe_combine(h, weights, index, self.experts), index[:, 0]
+
+
 def state_subset(state: dict[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
     """Entries of a state dict whose names start with one of ``prefixes``."""
     return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}

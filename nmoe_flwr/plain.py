@@ -75,8 +75,9 @@ def fedce_plain(
 
 def _config_from(preset: str | None, overrides: list[str]) -> RunConfig:
     """Defaults of pyproject.toml (if found) + a preset TOML + ``key=value`` overrides."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from .config import parse_run_config
 

@@ -7,11 +7,16 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from flwr.supercore import log
 
 from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
+
+T = TypeVar("T")
 
 # Rows of the closing table: results key -> label.
 METHODS = {
@@ -21,6 +26,7 @@ METHODS = {
     "local-classifier": "local classifier",
     "centralized-moe": "centralized MoE (upper bound)",
     "extractor-knn": "extractor kNN probe (stage 1)",
+    "alignment-global-moe": "global MoE (expert assignment)",
 }
 
 
@@ -65,6 +71,15 @@ class RunRecorder:
     def timing(self, name: str, seconds: float) -> None:
         """Record the wall time of a stage."""
         self.data["timings-s"][name] = round(seconds, 3)
+
+    def timed(self, name: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` as stage ``name``: log its start and end, record its wall time."""
+        t0 = time.perf_counter()
+        log(INFO, "=== %s ===", name)
+        out = fn()
+        self.timing(name, time.perf_counter() - t0)
+        log(INFO, "=== %s done in %.1f s ===", name, time.perf_counter() - t0)
+        return out
 
     def stage(self, name: str, info: Mapping[str, Any]) -> None:
         """Record what a stage reported (per-round and per-client metrics)."""

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from . import stages
+from .alignment_run import run_alignment
 from .config import RunConfig, parse_run_config
 from .constants import (
     ACCURACY,
@@ -39,8 +40,8 @@ from .constants import (
     IN_CHANNELS,
     MACRO_F1,
     METRICS,
-    MSG_EVAL_CLASSIFIER,
     MSG_CORRELATION,
+    MSG_EVAL_CLASSIFIER,
     MSG_EVAL_NMOE,
     MSG_EVAL_PROBE,
     MSG_EXPERT,
@@ -57,10 +58,17 @@ from .constants import (
     ROUTED_TO_NEIGHBOUR,
 )
 from .data.federated import all_client_splits
+from .messaging import (
+    ClientFailure,
+    broadcast,
+    metrics_of,
+    send_to_all,
+    weights_message,
+)
+from .privacy import GaussianMechanism
 from .records import bank_to_record, from_record, to_record
 from .results import RunRecorder
 from .seeding import derive_seed
-from .privacy import GaussianMechanism
 from .ssl import alpha_at
 from .strategies import FedSC, PartialFedAvg, split_shared
 from .training import resolve_runtime, set_torch_threads
@@ -73,10 +81,6 @@ GATE_SHARED = {
     "fedavg": (GATE_SHARED_PREFIX, GATE_DECISION_PREFIX),
     "local": (),
 }
-
-
-class ClientFailure(RuntimeError):
-    """A client replied with an error; the run cannot go on."""
 
 
 def discover_nodes(grid: Grid, cfg: RunConfig, timeout: float = 300.0) -> tuple[dict[int, int], Mapping[str, float]]:
@@ -99,37 +103,6 @@ def discover_nodes(grid: Grid, cfg: RunConfig, timeout: float = 300.0) -> tuple[
     if sorted(pids.values()) != list(range(cfg.num_clients)):
         raise ValueError(f"partition ids of the nodes are {sorted(pids.values())}, expected 0..{cfg.num_clients - 1}")
     return pids, replies[nodes[0]][METRICS]
-
-
-def send_to_all(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float) -> dict[int, RecordDict]:
-    """Send one message per node and return ``{node id: reply content}``.
-
-    Raises
-    ------
-    ClientFailure
-        If any node fails or does not answer in time.
-    """
-    messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if errors or len(replies) != len(messages):
-        raise ClientFailure(f"{message_type}: {len(replies)}/{len(messages)} replies; errors: {errors}")
-    return {r.metadata.src_node_id: r.content for r in replies}
-
-
-def broadcast(grid: Grid, pids: Mapping[int, int], content: RecordDict, message_type: str, timeout: float) -> dict[int, RecordDict]:
-    """Send the same content to every node; replies keyed by partition id."""
-    replies = send_to_all(grid, {node: content for node in pids}, message_type, timeout)
-    return {pids[node]: reply for node, reply in replies.items()}
-
-
-def metrics_of(replies: Mapping[int, RecordDict]) -> dict[int, dict[str, float]]:
-    """The MetricRecord of every reply, as plain dicts."""
-    return {pid: dict(reply[METRICS]) for pid, reply in replies.items()}
-
-
-def _weights(arrays: ArrayRecord) -> RecordDict:
-    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord()})
 
 
 def _client_metric_table(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
@@ -168,15 +141,6 @@ def run_partial_fedavg(
     return result.arrays, rounds
 
 
-def _timed(rec: RunRecorder, name: str, fn: Callable[[], object]):
-    t0 = time.perf_counter()
-    log(INFO, "=== %s ===", name)
-    out = fn()
-    rec.timing(name, time.perf_counter() - t0)
-    log(INFO, "=== %s done in %.1f s ===", name, time.perf_counter() - t0)
-    return out
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, then run the stages and baselines in order."""
@@ -200,18 +164,21 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     """The three stages, NMoE evaluation and baselines; records after each."""
-    pids, info = _timed(rec, "discover-nodes", lambda: discover_nodes(grid, cfg))
+    pids, info = rec.timed("discover-nodes", lambda: discover_nodes(grid, cfg))
     in_channels, num_classes = int(info[IN_CHANNELS]), int(info[NUM_CLASSES])
     timeout = cfg.round_timeout
+    if cfg.pipeline == "alignment":
+        run_alignment(grid, cfg, rec, pids, num_classes, lambda: stage_fedce(grid, cfg, rec, pids, in_channels, num_classes))
+        return
 
     # Stage 1: the shared extractor
     if cfg.fe_method == "fedce":
         fe_arrays = stage_fedce(grid, cfg, rec, pids, in_channels, num_classes)
     else:
-        fe_arrays = _timed(rec, "stage1-fedsc", lambda: stage_fedsc(grid, cfg, rec, in_channels))
+        fe_arrays = rec.timed("stage1-fedsc", lambda: stage_fedsc(grid, cfg, rec, in_channels))
     extractor_arrays, _ = split_shared(fe_arrays, (EXTRACTOR_PREFIX, HEAD_PREFIX))
-    per_client = metrics_of(_timed(
-        rec, "eval-extractor-knn", lambda: broadcast(grid, pids, _weights(extractor_arrays), MSG_EVAL_PROBE, timeout)
+    per_client = metrics_of(rec.timed(
+        "eval-extractor-knn", lambda: broadcast(grid, pids, weights_message(extractor_arrays), MSG_EVAL_PROBE, timeout)
     ))
     rec.result("extractor-knn", per_client, stages.mean_metrics(per_client))
     rec.save()
@@ -219,8 +186,8 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
         return
 
     # Stage 2: personalized experts
-    replies = _timed(
-        rec, "stage2-experts", lambda: broadcast(grid, pids, _weights(extractor_arrays), MSG_EXPERT, timeout)
+    replies = rec.timed(
+        "stage2-experts", lambda: broadcast(grid, pids, weights_message(extractor_arrays), MSG_EXPERT, timeout)
     )
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     expert_metrics = {
@@ -232,34 +199,34 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     rec.save()
 
     # Stage 3: gate against the frozen bank
-    _timed(
-        rec, "stage3-send-bank",
+    rec.timed(
+        "stage3-send-bank",
         lambda: broadcast(grid, pids, RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK, timeout),
     )
     gate_prefixes = GATE_SHARED[cfg.gate_method]
     gate_init = stages.new_gate(cfg, derive_seed(cfg.seed, "gate-init")).state_dict()
-    gate_arrays, gate_rounds = _timed(
-        rec, "stage3-gate",
+    gate_arrays, gate_rounds = rec.timed(
+        "stage3-gate",
         lambda: run_partial_fedavg(grid, cfg, gate_init, gate_prefixes, MSG_GATE, cfg.gate_rounds),
     )
     rec.add_rounds("gate", gate_rounds)
     rec.stage("gate", {"method": cfg.gate_method, "shared-prefixes": list(gate_prefixes), "rounds": gate_rounds})
-    per_client = metrics_of(_timed(
-        rec, "eval-nmoe", lambda: broadcast(grid, pids, _weights(gate_arrays), MSG_EVAL_NMOE, timeout)
+    per_client = metrics_of(rec.timed(
+        "eval-nmoe", lambda: broadcast(grid, pids, weights_message(gate_arrays), MSG_EVAL_NMOE, timeout)
     ))
     rec.result("nmoe", per_client, _client_metric_table(per_client))
     rec.save()
 
     # Baselines
     if cfg.local_baseline:
-        per_client = metrics_of(_timed(
+        per_client = metrics_of(rec.timed(
             rec, "baseline-local-classifier",
             lambda: broadcast(grid, pids, RecordDict({CONFIG: ConfigRecord()}), MSG_LOCAL_BASELINE, timeout),
         ))
         rec.result("local-classifier", per_client, stages.mean_metrics(per_client))
         rec.save()
     if cfg.centralized_baseline:
-        _timed(rec, "baseline-centralized-moe", lambda: centralized_baseline(cfg, rec, in_channels, num_classes))
+        rec.timed("baseline-centralized-moe", lambda: centralized_baseline(cfg, rec, in_channels, num_classes))
         rec.save()
 
 
@@ -269,14 +236,14 @@ def stage_fedce(
     """Stage 1 by FedCE, then the FedCE end-to-end classifier on every test set."""
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
     init = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init")).state_dict()
-    arrays, rounds = _timed(
-        rec, "stage1-fedce", lambda: run_partial_fedavg(grid, cfg, init, prefixes, MSG_FEDCE, cfg.fedce_rounds)
+    arrays, rounds = rec.timed(
+        "stage1-fedce", lambda: run_partial_fedavg(grid, cfg, init, prefixes, MSG_FEDCE, cfg.fedce_rounds)
     )
     rec.add_rounds("fedce", rounds)
     rec.stage("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds})
-    per_client = metrics_of(_timed(
-        rec, "eval-fedce-classifier",
-        lambda: broadcast(grid, pids, _weights(arrays), MSG_EVAL_CLASSIFIER, cfg.round_timeout),
+    per_client = metrics_of(rec.timed(
+        "eval-fedce-classifier",
+        lambda: broadcast(grid, pids, weights_message(arrays), MSG_EVAL_CLASSIFIER, cfg.round_timeout),
     ))
     rec.result("fedce-classifier", per_client, stages.mean_metrics(per_client))
     rec.save()

@@ -17,12 +17,18 @@ from torch import Tensor, nn
 from .config import RunConfig
 from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
 from .data import ImageSet
-from .data.augment import color_jitter_grayscale, random_crop_flip, random_resized_crop_flip, two_views
+from .data.augment import (
+    color_jitter_grayscale,
+    random_crop_flip,
+    random_resized_crop_flip,
+    two_views,
+)
 from .models import (
     MLP,
     CentralizedMoE,
     Classifier,
     Gate,
+    GlobalMoE,
     ResNet20,
     mixture_nll,
     mixture_probs,
@@ -348,3 +354,71 @@ def knn_metrics(
     votes = torch.zeros(b.shape[0], num_classes, device=b.device)
     votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
     return classification_metrics(votes.argmax(1), test_y, num_classes)
+
+
+# --- Capacity-aware global MoE (alignment) -----------------------------------
+
+
+def new_global_moe(cfg: RunConfig, num_classes: int, seed: int) -> GlobalMoE:
+    """A freshly initialised global MoE over ``num-experts`` experts (seeded)."""
+    with seeded(seed):
+        return GlobalMoE(ResNet20.out_dim, cfg.mlp_hidden, num_classes, cfg.num_experts)
+
+
+@torch.no_grad()
+def per_expert_loss(model: GlobalMoE, h: Tensor, y: Tensor, allowed: Sequence[int]) -> dict[int, tuple[float, int]]:
+    """For every allowed expert: its mean cross entropy on the samples the
+    restricted router sends it (top-1), and how many those are."""
+    model.eval()
+    _, top = model(h, 1, allowed)
+    out = {}
+    for j in allowed:
+        rows = top == j
+        n = int(rows.sum())
+        loss = float(nn.functional.cross_entropy(model.experts[j](h[rows]).float(), y[rows])) if n else 0.0
+        out[j] = (loss, n)
+    return out
+
+
+def train_moe_round(
+    model: GlobalMoE, allowed: Sequence[int], h: Tensor, y: Tensor, cfg: RunConfig, runtime: Runtime, seed: int
+) -> dict[str, object]:
+    """One round of a client's global-MoE training, restricted to its experts.
+
+    Returns the fit statistics and the feedback the server's scores need:
+    per assigned expert the samples routed to it and the relative loss
+    improvement, and the share of samples the *unrestricted* router sends to
+    every expert (its preference).
+    """
+    before = per_expert_loss(model, h, y, allowed)
+    noise = generator(derive_seed(seed, "noise"), runtime.device)
+
+    def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        hb, yb = batch
+        probs, _ = m(hb, cfg.moe_train_top_k, allowed, cfg.gate_noise, noise)
+        return mixture_nll(probs, yb), (probs.argmax(1) == yb).sum()
+
+    opts = make_optimizers(model, "adamw", cfg.moe_lr, weight_decay=cfg.weight_decay)
+    stats = fit(
+        model, loss_fn, (h, y), epochs=cfg.moe_local_epochs, batch_size=cfg.batch_size,
+        optimizers=opts, runtime=runtime, generator=generator(seed, runtime.device),
+    )
+    after = per_expert_loss(model, h, y, allowed)
+    with torch.no_grad():
+        model.eval()
+        _, top = model(h, 1)
+        share = torch.bincount(top, minlength=len(model.experts)).float() / h.shape[0]
+    return {
+        "stats": stats,
+        "routed": {j: after[j][1] for j in allowed},
+        "improvement": {j: (before[j][0] - after[j][0]) / before[j][0] if before[j][0] > 0 else 0.0 for j in allowed},
+        "routing-share": share.cpu().tolist(),
+    }
+
+
+@torch.no_grad()
+def moe_metrics(model: GlobalMoE, h: Tensor, y: Tensor, num_classes: int, k: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of the global MoE with top-k routing over all experts."""
+    model.eval()
+    probs, _ = model(h, k)
+    return classification_metrics(probs.argmax(1), y, num_classes)

@@ -3,16 +3,23 @@ and one FedCE round + NMoE stages on a tiny synthetic data set."""
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from nmoe_flwr import client_app
 from nmoe_flwr.client_app import ClientEnv
-from nmoe_flwr.constants import ARRAYS, CONFIG, EXPERT_BANK, METRICS, NUM_ROUNDS, SERVER_ROUND, SHARED_PREFIXES
-from nmoe_flwr.records import bank_to_record, from_record, to_record
-from nmoe_flwr.stages import new_classifier, new_gate
-from nmoe_flwr.seeding import derive_seed
 from nmoe_flwr.config import parse_run_config
+from nmoe_flwr.constants import (
+    ARRAYS,
+    CONFIG,
+    EXPERT_BANK,
+    METRICS,
+    NUM_ROUNDS,
+    SERVER_ROUND,
+    SHARED_PREFIXES,
+)
+from nmoe_flwr.records import bank_to_record, from_record, to_record
+from nmoe_flwr.seeding import derive_seed
+from nmoe_flwr.stages import new_classifier, new_gate
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -1,9 +1,9 @@
 """Run-config validation: defaults, presets and fast, clear rejection."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from nmoe_flwr.config import ConfigError, RunConfig, parse_run_config, valid_keys
 

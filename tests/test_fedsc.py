@@ -7,7 +7,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from nmoe_flwr.constants import ALPHA, CORRELATION, CORRELATION_KEY, METRICS, NUM_EXAMPLES, R_EXT_KEY
+from nmoe_flwr.constants import (
+    ALPHA,
+    CORRELATION,
+    CORRELATION_KEY,
+    METRICS,
+    NUM_EXAMPLES,
+    R_EXT_KEY,
+)
 from nmoe_flwr.data.augment import two_views
 from nmoe_flwr.privacy import GaussianMechanism, correlation_sensitivity, privatize
 from nmoe_flwr.ssl import alpha_at, clip_norm, correlation, spectral_loss

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 
-from . import ClientSplits, ImageSet, load_hf_split, load_split_cached, make_client_splits, resolve_data_dir
+from . import (
+    ClientSplits,
+    ImageSet,
+    load_hf_split,
+    load_split_cached,
+    make_client_splits,
+    resolve_data_dir,
+)
 
 
 def load_dataset(dataset: str, data_dir: str, hf_dataset: str, cache: Path | None) -> tuple[ImageSet, ImageSet]:

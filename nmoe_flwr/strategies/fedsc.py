@@ -12,7 +12,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..constants import ALPHA, CORRELATION, CORRELATION_KEY, METRICS, NUM_EXAMPLES, R_EXT_KEY
+from ..constants import (
+    ALPHA,
+    CORRELATION,
+    CORRELATION_KEY,
+    METRICS,
+    NUM_EXAMPLES,
+    R_EXT_KEY,
+)
 
 
 @dataclass(frozen=True)

@@ -287,12 +287,21 @@ def train_expert(msg: Message, context: Context) -> Message:
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
     latents = _cache_latents(env, split, model)
-    expert = stages.new_expert(cfg, split.train.num_classes, env.seed("expert-init"))
-    if cfg.expert_from_head:
-        expert.load_state_dict({k.removeprefix(HEAD_PREFIX): v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)})
-    expert = rt.prepare(expert)
+    head = {k.removeprefix(HEAD_PREFIX): v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)}
+
+    def make_expert() -> nn.Module:
+        expert = stages.new_expert(cfg, split.train.num_classes, env.seed("expert-init"))
+        if cfg.expert_from_head:
+            expert.load_state_dict(head)
+        return expert
+
+    expert = rt.prepare(make_expert())
     y_train, y_test = split.train.labels.to(rt.device), split.test.labels.to(rt.device)
-    stats = stages.train_expert(expert, latents["train"].to(rt.device), y_train, cfg, rt, env.seed("expert"))
+    h_train = latents["train"].to(rt.device)
+    stats = stages.train_expert(expert, h_train, y_train, cfg, rt, env.seed("expert"))
+    if cfg.gate_oof_folds > 1:
+        oof = stages.out_of_fold_probs(make_expert, h_train, y_train, cfg, rt, env.seed("expert-oof"))
+        torch.save({"probs": oof.cpu()}, env.workdir / "own-oof.pt")
     expert.eval()
     own = evaluate(expert, latents["test"].to(rt.device), y_test, split.test.num_classes, cfg.batch_size * 4, rt)
     metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{f"expert-{k}": v for k, v in own.items()}}
@@ -394,8 +403,12 @@ def train_gate(msg: Message, context: Context) -> Message:
     _load_partial(gate, msg, context, LOCAL_GATE)
     gate = env.runtime.prepare(gate)
     labels = split.train.labels.to(env.runtime.device)
+    probs = stages.bank_probs(experts, latents)
+    oof_path = env.workdir / "own-oof.pt"
+    if env.cfg.gate_oof_folds > 1 and oof_path.exists():
+        probs[:, env.partition_id] = torch.load(oof_path, weights_only=True)["probs"].to(probs.device)
     stats = stages.train_gate(
-        gate, latents, labels, stages.bank_probs(experts, latents), env.cfg, env.runtime,
+        gate, latents, labels, probs, env.cfg, env.runtime,
         server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
     )
     return _reply(msg, _fit_metrics(stats), _split_partial(gate, _prefixes(msg), context, LOCAL_GATE))

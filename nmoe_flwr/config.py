@@ -102,6 +102,7 @@ class RunConfig(BaseModel):
     gate_grad_norm: bool = True
     gate_noise: float = Field(1.0, ge=0)
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
+    gate_oof_folds: int = Field(5, ge=0)  # cross-fitted own-expert answers for the gate; 0/1 = off
     top_k: int = Field(1, ge=1)
 
     # Capacity-aware global MoE (pipeline = "alignment")

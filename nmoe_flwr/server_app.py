@@ -65,6 +65,7 @@ from .messaging import (
     send_to_all,
     weights_message,
 )
+from .models import state_subset
 from .privacy import GaussianMechanism
 from .records import bank_to_record, from_record, to_record
 from .results import RunRecorder
@@ -177,6 +178,7 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     else:
         fe_arrays = rec.timed("stage1-fedsc", lambda: stage_fedsc(grid, cfg, rec, in_channels))
     extractor_arrays, _ = split_shared(fe_arrays, (EXTRACTOR_PREFIX, HEAD_PREFIX))
+    torch.save(state_subset(from_record(extractor_arrays), [EXTRACTOR_PREFIX]), rec.folder / "extractor.pt")
     per_client = metrics_of(rec.timed(
         "eval-extractor-knn", lambda: broadcast(grid, pids, weights_message(extractor_arrays), MSG_EVAL_PROBE, timeout)
     ))

@@ -8,7 +8,7 @@ benchmarks call them in a plain process, and the GPU machine (which has no
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +145,36 @@ def train_expert(
         epochs=cfg.expert_epochs, batch_size=cfg.batch_size, optimizers=opts,
         runtime=runtime, generator=generator(seed, runtime.device), lr_multiplier=cosine,
     )
+
+
+def out_of_fold_probs(
+    make_expert: Callable[[], nn.Module], latents: Tensor, labels: Tensor, cfg: RunConfig, runtime: Runtime, seed: int
+) -> Tensor:
+    """Cross-fitted class probabilities of a client's own expert on its training set.
+
+    The gate is trained on the client's training samples, on which the
+    client's own expert was fitted: its answers there are overconfident
+    (memorised minority-class samples look solved), and a gate trained on
+    them learns to never route away. With ``gate-oof-folds = K`` the client
+    trains K fold experts on ``(K-1)/K`` of its latents each (same init and
+    recipe as its expert) and predicts the held-out fold; the gate sees these
+    honest answers for the own expert. Cheap: experts train on cached latents.
+    """
+    k = cfg.gate_oof_folds
+    order = torch.randperm(latents.shape[0], generator=generator(seed), device="cpu").to(latents.device)
+    probs = torch.empty(latents.shape[0], 0, device=latents.device)
+    for fold, held in enumerate(order.chunk(k)):
+        keep = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
+        keep[held] = False
+        expert = runtime.prepare(make_expert())
+        train_expert(expert, latents[keep], labels[keep], cfg, runtime, derive_seed(seed, fold))
+        expert.eval()
+        with torch.no_grad():
+            p = expert(latents[held]).float().softmax(-1)
+        if probs.shape[1] == 0:
+            probs = torch.zeros(latents.shape[0], p.shape[1], device=latents.device)
+        probs[held] = p
+    return probs
 
 
 # --- Stage 3: gate -----------------------------------------------------------

@@ -221,6 +221,9 @@ def launch(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nmoe-run``."""
+    # SIGTERM (kill, CI timeouts) raises SystemExit like Ctrl-C raises KeyboardInterrupt,
+    # so the SuperLink and everything it started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(
         prog="nmoe-run",
         description="Run the NMoE Flower app in local simulation (offline) and exit non-zero unless "

@@ -10,8 +10,8 @@ SuperLink keeps running after the CLI exits. This launcher
 3. runs ``flwr run <app> --stream`` with ``num-supernodes`` = ``num-clients``
    of the run config (unless given),
 4. reads the run's final status with ``flwr ls --run-id ... --format json``,
-5. stops the SuperLink and every process it started (its process group),
-   also on Ctrl-C or errors,
+5. stops the SuperLink and every process it started (the whole process
+   tree, Ray included), also on Ctrl-C, SIGTERM or errors,
 
 and exits 0 only for ``finished:completed``.
 """
@@ -58,21 +58,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL after ``grace`` s."""
-    if proc.poll() is not None:
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (read from /proc).
+
+    Needed because Flower's SuperLink starts ``flower-superexec`` in a new
+    session and Ray's processes run under it: signalling the SuperLink's
+    process group would leave them running.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM ``proc`` and all its descendants, SIGKILL what is left after ``grace`` s."""
+    pids = [proc.pid, *descendants(proc.pid)]  # collected first: orphans get re-parented
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # orphans of a dead leader
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids + descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @contextlib.contextmanager
@@ -109,7 +140,7 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         }
     finally:
-        stop_group(proc)
+        stop_tree(proc)
 
 
 def merged_run_config(run_config: str | None, overrides: list[str] | None = None) -> dict:

@@ -222,7 +222,7 @@ def run_pipeline(grid: Grid, cfg: RunConfig, rec: RunRecorder) -> None:
     # Baselines
     if cfg.local_baseline:
         per_client = metrics_of(rec.timed(
-            rec, "baseline-local-classifier",
+            "baseline-local-classifier",
             lambda: broadcast(grid, pids, RecordDict({CONFIG: ConfigRecord()}), MSG_LOCAL_BASELINE, timeout),
         ))
         rec.result("local-classifier", per_client, stages.mean_metrics(per_client))

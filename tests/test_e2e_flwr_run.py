@@ -3,6 +3,7 @@ a bad config value fails the run, and no process is left behind."""
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,27 @@ pytestmark = pytest.mark.slow
 
 
 def _processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment mention ``text``
+    (every process a run starts inherits FLWR_HOME and RAY_TMPDIR below tmp)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = (proc / "environ").read_bytes().decode(errors="replace")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if text in cmd:
+            if state != "Z" and (text in cmd or text in env):
                 found.append(f"{proc.name}: {cmd[:120]}")
     return found
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    # A private, short RAY_TMPDIR (Ray's socket paths must stay under 107 bytes).
+    ray = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    (tmp / "ray-tmpdir").write_text(str(ray))
+    return {"NMOE_OUTPUT_DIR": str(tmp / "out"), "RAY_TMPDIR": str(ray)}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,7 @@ def smoke_run(tmp_path_factory):
     out = tmp / "out"
     status, record = launch(
         ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp / "flwr", timeout=420,
-        log_file=tmp / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(out)},
+        log_file=tmp / "run.log", extra_env=_env(tmp),
     )
     return status, record, out / "smoke", tmp
 
@@ -62,7 +74,7 @@ def test_smoke_results_are_complete_and_above_chance(smoke_run):
 def test_bad_config_value_fails_the_run_fast(tmp_path):
     status, record = launch(
         ROOT, "tau=1.5", num_supernodes=2, flwr_home=tmp_path / "flwr", timeout=180,
-        log_file=tmp_path / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(tmp_path / "out")},
+        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
     )
     assert status == "finished:failed", record
     log = (tmp_path / "run.log").read_text()
@@ -73,13 +85,14 @@ def test_bad_config_value_fails_the_run_fast(tmp_path):
 def test_no_process_left_behind(smoke_run):
     _, _, _, tmp = smoke_run
     assert _processes_mentioning(str(tmp)) == []
+    assert _processes_mentioning((tmp / "ray-tmpdir").read_text()) == []
 
 
 def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
     out = tmp_path / "out"
     status, record = launch(
         ROOT, str(ROOT / "configs" / "fedsc-smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
-        log_file=tmp_path / "run.log", extra_env={"NMOE_OUTPUT_DIR": str(out)},
+        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
     )
     assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
     results = json.loads((out / "fedsc-smoke" / "results.json").read_text())
@@ -89,3 +102,4 @@ def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
     assert set(results["results"]["extractor-knn"]["per-client"]) == {"0", "1", "2", "3"}
     assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.5
     assert _processes_mentioning(str(tmp_path)) == []
+    assert _processes_mentioning((tmp_path / "ray-tmpdir").read_text()) == []

@@ -208,6 +208,9 @@ def launch(
     app = app.resolve()
     flwr_home = (flwr_home or app / ".flwr").resolve()
     env = {**offline_env(flwr_home), **(extra_env or {})}
+    # Where results go unless the run config says otherwise: the app's outputs/ folder
+    # (the ServerApp's working directory is Flower's business, not the user's).
+    env.setdefault("NMOE_OUTPUT_DIR", str(app / "outputs"))
     merged = merged_run_config(run_config, overrides)
     n = num_supernodes or int(run_config_value(app, merged, "num-clients"))
     federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"

@@ -103,3 +103,25 @@ def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
     assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.5
     assert _processes_mentioning(str(tmp_path)) == []
     assert _processes_mentioning((tmp_path / "ray-tmpdir").read_text()) == []
+
+
+def test_alignment_smoke_preset_writes_summary_csv_and_plots(tmp_path):
+    out = tmp_path / "out"
+    status, record = launch(
+        ROOT, str(ROOT / "configs" / "alignment-smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
+        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
+    )
+    assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
+    folder = out / "alignment-smoke"
+    summary = json.loads((folder / "results.json").read_text())["stages"]["alignment"]["summary"]
+    assert summary["assignment"] == "load-balanced" and summary["capacities"] == [2, 2, 6, 6]
+    counts = summary["assignment-counts"]
+    assert [sum(row) for row in counts] == [5 * c for c in (2, 2, 6, 6)]  # capacity filled every round
+    assert summary["bytes-total"] > 0 and summary["sim-seconds-total"] > 0
+    assert 0.0 <= summary["final-accuracy"] <= 1.0
+    for png in ("assignment_heatmap.png", "accuracy.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [r for r in (folder / "rounds.csv").read_text().splitlines() if r.startswith("alignment,")]
+    assert len(rows) == 5
+    assert (folder / "extractor.pt").exists()
+    assert _processes_mentioning(str(tmp_path)) == []

@@ -38,15 +38,19 @@ def _env(tmp: Path) -> dict[str, str]:
     return {"NMOE_OUTPUT_DIR": str(tmp / "out"), "RAY_TMPDIR": str(ray)}
 
 
+def _launch_preset(name: str, tmp: Path, timeout: float = 420) -> tuple[str, dict]:
+    """Run ``configs/<name>.toml`` through nmoe-run with everything under ``tmp``."""
+    return launch(
+        ROOT, str(ROOT / "configs" / f"{name}.toml"), flwr_home=tmp / "flwr", timeout=timeout,
+        log_file=tmp / "run.log", extra_env=_env(tmp),
+    )
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    out = tmp / "out"
-    status, record = launch(
-        ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp / "flwr", timeout=420,
-        log_file=tmp / "run.log", extra_env=_env(tmp),
-    )
-    return status, record, out / "smoke", tmp
+    status, record = _launch_preset("smoke", tmp)
+    return status, record, tmp / "out" / "smoke", tmp
 
 
 def test_smoke_preset_completes(smoke_run):
@@ -90,10 +94,7 @@ def test_no_process_left_behind(smoke_run):
 
 def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
     out = tmp_path / "out"
-    status, record = launch(
-        ROOT, str(ROOT / "configs" / "fedsc-smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
-        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
-    )
+    status, record = _launch_preset("fedsc-smoke", tmp_path)
     assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
     results = json.loads((out / "fedsc-smoke" / "results.json").read_text())
     fedsc = results["stages"]["fedsc"]
@@ -107,10 +108,7 @@ def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
 
 def test_alignment_smoke_preset_writes_summary_csv_and_plots(tmp_path):
     out = tmp_path / "out"
-    status, record = launch(
-        ROOT, str(ROOT / "configs" / "alignment-smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
-        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
-    )
+    status, record = _launch_preset("alignment-smoke", tmp_path)
     assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
     folder = out / "alignment-smoke"
     summary = json.loads((folder / "results.json").read_text())["stages"]["alignment"]["summary"]

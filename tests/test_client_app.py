@@ -3,6 +3,7 @@ and one FedCE round + NMoE stages on a tiny synthetic data set."""
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from nmoe_flwr import client_app
@@ -19,7 +20,7 @@ from nmoe_flwr.constants import (
 )
 from nmoe_flwr.records import bank_to_record, from_record, to_record
 from nmoe_flwr.seeding import derive_seed
-from nmoe_flwr.stages import new_classifier, new_gate
+from nmoe_flwr.stages import new_classifier, new_gate, new_ssl_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -99,3 +100,23 @@ def test_client_stages_in_process(run_config):
     metrics = reply.content[METRICS]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["routed-to-neighbour"] <= 1.0
     assert metrics["num-examples"] == 20
+
+
+def test_correlation_handler_adds_noise_of_the_expected_std(run_config):
+    run_config = {**run_config, "fe-method": "fedsc", "fedsc-proj-dim": 64, "fedsc-mu": 4.0}
+    ctx = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    cfg = parse_run_config(run_config)
+    init = to_record(new_ssl_model(cfg, 1, 0).state_dict())
+
+    def matrix(noise_multiplier):
+        config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 1, "noise-multiplier": noise_multiplier})
+        reply = client_app.fedsc_correlation(_msg(RecordDict({ARRAYS: init, CONFIG: config}), "query.correlation"), ctx)
+        return from_record(reply.content["correlation"])["r"], reply.content[METRICS]
+
+    clean, m0 = matrix(0.0)
+    noisy, m1 = matrix(3.0)
+    expected = 3.0 * 2 * 4.0 / 40  # z * 2 mu / n with n = 40 training samples
+    assert m0["noise-std"] == 0.0 and m1["noise-std"] == pytest.approx(expected)
+    assert m1["num-examples"] == 40
+    assert (noisy - clean).std().item() == pytest.approx(expected, rel=0.05)  # 4096 entries
+    assert torch.allclose(clean, clean.T, atol=1e-5)  # noiseless R is symmetric

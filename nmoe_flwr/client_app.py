@@ -58,7 +58,8 @@ from .constants import (
 )
 from .data import ClientSplits
 from .data.federated import client_splits
-from .models import MLP, state_subset
+from .inference.checkpoint import client_checkpoint_dir, write_checkpoint
+from .models import MLP, ResNet20, state_subset
 from .privacy import GaussianMechanism, privatize
 from .records import bank_from_record, from_record, to_record
 from .seeding import derive_seed, generator
@@ -273,6 +274,7 @@ def _cache_latents(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dic
         for name, data in (("train", split.train), ("test", split.test))
     }
     torch.save(latents, env.workdir / "latents.pt")
+    torch.save(state_subset(model.state_dict(), [EXTRACTOR_PREFIX]), env.workdir / "extractor.pt")
     return latents
 
 
@@ -427,7 +429,28 @@ def evaluate_nmoe(msg: Message, context: Context) -> Message:
     metrics = stages.nmoe_metrics(
         gate, experts, latents, split.test.labels.to(env.runtime.device), env.partition_id, num_classes, env.cfg.top_k
     )
+    _write_checkpoint(env, gate, experts[env.partition_id], split, num_classes)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
+
+
+def _write_checkpoint(env: ClientEnv, gate: nn.Module, expert: nn.Module, split: ClientSplits, num_classes: int) -> None:
+    """What this device needs for serverless inference (nmoe serve-expert / nmoe infer)."""
+    extractor = torch.load(env.workdir / "extractor.pt", weights_only=True)
+    folder = client_checkpoint_dir(env.workdir.parents[1], env.partition_id)
+    write_checkpoint(
+        folder,
+        {
+            "extractor": {k.removeprefix(EXTRACTOR_PREFIX): v for k, v in extractor.items()},
+            "gate": gate.state_dict(),
+            "expert": expert.state_dict(),
+        },
+        {
+            "partition-id": env.partition_id, "num-experts": env.cfg.num_clients,
+            "in-channels": int(split.train.images.shape[1]), "num-classes": num_classes,
+            "latent-dim": ResNet20.out_dim, "mlp-hidden": env.cfg.mlp_hidden, "top-k": env.cfg.top_k,
+            "dataset": env.cfg.dataset, "run": env.workdir.parents[1].name,
+        },
+    )
 
 
 @app.train("local_classifier")

@@ -51,6 +51,7 @@ TRAIN_ACC = "train-acc"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 ROUTED_TO_NEIGHBOUR = "routed-to-neighbour"  # share of samples sent away
+BYTES_PER_SAMPLE = "bytes-per-sample"  # NMoE: latent bytes sent to neighbours per sample
 NOISE_STD = "noise-std"  # FedSC: per-entry std of the noise a client added
 EXPERT_ROUTED = "expert-routed"  # alignment: samples routed to each assigned expert
 EXPERT_IMPROVEMENT = "expert-improvement"  # alignment: relative loss improvement per assigned expert

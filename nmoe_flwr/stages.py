@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
-from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from .constants import ACCURACY, BYTES_PER_SAMPLE, MACRO_F1, ROUTED_TO_NEIGHBOUR
 from .data import ImageSet
 from .data.augment import (
     color_jitter_grayscale,
@@ -32,7 +32,6 @@ from .models import (
     ResNet20,
     mixture_nll,
     mixture_probs,
-    nmoe_combine,
     route,
 )
 from .seeding import derive_seed, generator, seeded
@@ -243,14 +242,23 @@ def nmoe_metrics(
 ) -> dict[str, float]:
     """NMoE prediction with plain top-k routing over all experts.
 
-    Returns accuracy, macro-F1 and the share of samples that must leave the
-    device (at least one picked expert is a neighbour's).
+    Runs the serverless :class:`~nmoe_flwr.inference.router.Router` with an
+    in-process transport (the code path of ``nmoe infer``), so it also counts
+    the bytes the latents and answers would take on the wire (fp32). Returns
+    accuracy, macro-F1, the share of samples that must leave the device (at
+    least one picked expert is a neighbour's) and bytes sent per sample.
     """
+    from .inference.router import InProcessTransport, Router
+
     gate.eval()
-    weights, index = route(gate(latents), k)
-    probs = nmoe_combine(latents, weights, index, experts)
-    metrics = classification_metrics(probs.argmax(1), labels, num_classes)
-    metrics[ROUTED_TO_NEIGHBOUR] = float((index != own_expert).any(dim=1).float().mean())
+    router = Router(gate, own_expert, experts[own_expert], InProcessTransport(dict(enumerate(experts))), k=k)
+    try:
+        batch = router.classify_latents(latents.float().cpu())
+    finally:
+        router.close()
+    metrics = classification_metrics(batch.probs.argmax(1), labels, num_classes)
+    metrics[ROUTED_TO_NEIGHBOUR] = float((batch.experts != own_expert).any(dim=1).float().mean())
+    metrics[BYTES_PER_SAMPLE] = batch.bytes_sent / max(latents.shape[0], 1)
     return metrics
 
 

@@ -1,0 +1,1 @@
+"""Serverless NMoE inference: expert servers, the router, transports, checkpoints."""

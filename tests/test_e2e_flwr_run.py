@@ -3,6 +3,8 @@ a bad config value fails the run, and no process is left behind."""
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -123,3 +125,45 @@ def test_alignment_smoke_preset_writes_summary_csv_and_plots(tmp_path):
     assert len(rows) == 5
     assert (folder / "extractor.pt").exists()
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke_run):
+    """Three `nmoe serve-expert` processes + one `nmoe infer` on the smoke run's checkpoints."""
+    _, _, folder, tmp = smoke_run
+    ckpts = folder / "checkpoints"
+    procs = []
+    try:
+        addresses = {}
+        for pid in (1, 2, 3):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nmoe_flwr.inference.cli", "serve-expert", "--checkpoint", str(ckpts / f"client-{pid}")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            procs.append(proc)
+            addresses[pid] = proc.stdout.readline().split()[-1]
+        table = ",".join(f"{pid}={a}" for pid, a in addresses.items())
+
+        def infer(out):
+            subprocess.run(
+                [sys.executable, "-m", "nmoe_flwr.inference.cli", "infer", "--checkpoint", str(ckpts / "client-0"),
+                 "--neighbours", table, "--json", str(out), "--timeout", "5"],
+                check=True, capture_output=True, timeout=120,
+            )
+            return json.loads(out.read_text())
+
+        served = infer(tmp / "infer.json")
+        trained = json.loads((folder / "results.json").read_text())["results"]["nmoe"]["per-client"]["0"]
+        assert served["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-12)
+        assert served["macro-f1"] == pytest.approx(trained["macro-f1"], abs=1e-12)
+        assert served["routed-to-neighbour"] == pytest.approx(trained["routed-to-neighbour"], abs=1e-12)
+        assert served["rerouted"] == 0
+        procs[0].kill()
+        procs[0].wait(10)
+        degraded = infer(tmp / "infer-degraded.json")
+        assert degraded["samples"] == served["samples"]  # every sample classified with expert 1 down
+        assert degraded["rerouted"] >= 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)

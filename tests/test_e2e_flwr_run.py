@@ -161,7 +161,8 @@ def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke
         procs[0].wait(10)
         degraded = infer(tmp / "infer-degraded.json")
         assert degraded["samples"] == served["samples"]  # every sample classified with expert 1 down
-        assert degraded["rerouted"] >= 0
+        assert degraded["rerouted"] == served["samples-per-expert"]["1"]  # exactly those that wanted expert 1
+        assert degraded["samples-per-expert"]["1"] == 0
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -111,6 +111,9 @@ def infer(args: argparse.Namespace) -> int:
         "bytes-sent-per-sample": sent / x.shape[0],
         "bytes-received-per-sample": received / x.shape[0],
         "routed-to-neighbour": float((used != ckpt.partition_id).any(dim=1).float().mean()),
+        "samples-per-expert": {
+            str(j): int((used == j).any(dim=1).sum()) for j in range(int(ckpt.manifest["num-experts"]))
+        },
         "rerouted": rerouted,
         "wire-dtype": args.dtype,
     }

@@ -37,7 +37,9 @@ from .constants import (
     HEAD_PREFIX,
     IN_CHANNELS,
     METRICS,
+    NODE_DATA_DIR,
     NODE_NUM_PARTITIONS,
+    NODE_OUTPUT_DIR,
     NODE_PARTITION_ID,
     NOISE_MULTIPLIER,
     NOISE_STD,
@@ -83,15 +85,29 @@ class ClientEnv:
 
     @classmethod
     def of(cls, context: Context) -> ClientEnv:
-        """Parse the run config and the node config; fail with the missing key named."""
+        """Parse the run config and the node config; fail with the missing key named.
+
+        One code path for simulation and deployment: Flower's simulation sets
+        ``partition-id`` and ``num-partitions`` itself; a SuperNode gets them
+        (and optionally ``data-dir``, ``output-dir`` for its own disk) from
+        ``--node-config``.
+        """
         cfg = parse_run_config(context.run_config)
         node = context.node_config
         missing = [k for k in (NODE_PARTITION_ID, NODE_NUM_PARTITIONS) if k not in node]
         if missing:
             raise ValueError(
                 f"node_config lacks {missing}; start the SuperNode with "
-                f'--node-config "partition-id=<i> num-partitions={cfg.num_clients}"'
+                f'--node-config "partition-id=<i> num-partitions={cfg.num_clients}" '
+                f"(optional keys: {NODE_DATA_DIR}, {NODE_OUTPUT_DIR})"
             )
+        local = {
+            field: str(node[key])
+            for key, field in ((NODE_DATA_DIR, "data_dir"), (NODE_OUTPUT_DIR, "output_dir"))
+            if key in node
+        }
+        if local:
+            cfg = cfg.model_copy(update=local)
         pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])
         if n != cfg.num_clients or not 0 <= pid < n:
             raise ValueError(

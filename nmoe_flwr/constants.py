@@ -61,6 +61,8 @@ SECONDS = "seconds"  # wall time of the client's work for this message
 # --- node_config keys (deployment: --node-config "partition-id=0 ...") ------
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"  # optional: this node's data folder (overrides the run config)
+NODE_OUTPUT_DIR = "output-dir"  # optional: this node's output/work folder
 
 # --- Parameter-name prefixes: they decide what is aggregated ---------------
 EXTRACTOR_PREFIX = "extractor."

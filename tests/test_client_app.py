@@ -66,6 +66,15 @@ def test_missing_node_config_key_is_named(run_config):
         ClientEnv.of(_context(run_config, {"num-partitions": 2}))
 
 
+def test_node_config_data_and_output_dirs_override_the_run_config(run_config, tmp_path):
+    env = ClientEnv.of(_context(run_config, {
+        "partition-id": 0, "num-partitions": 2, "data-dir": run_config["data-dir"], "output-dir": str(tmp_path / "node0"),
+    }))
+    assert env.cfg.output_dir == str(tmp_path / "node0")
+    assert env.workdir == tmp_path / "node0" / "unit" / "clients" / "0"
+    assert len(env.splits().train) == 40
+
+
 def test_num_partitions_must_match_num_clients(run_config):
     with pytest.raises(ValueError, match="num-clients=2"):
         ClientEnv.of(_context(run_config, {"partition-id": 0, "num-partitions": 3}))

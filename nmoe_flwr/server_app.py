@@ -1,14 +1,18 @@
 """ServerApp: the three NMoE training stages, the baselines, and the results.
 
-1. FedCE: :class:`PartialFedAvg` over the end-to-end classifier
-   (``extractor.`` and, if ``fedce-average-head``, ``head.``).
+1. Extractor -- FedCE: :class:`PartialFedAvg` over the end-to-end classifier
+   (``extractor.`` and, if ``fedce-average-head``, ``head.``); or FedSC
+   (``fe-method = "fedsc"``): :class:`FedSC` with DP correlation matrices.
+   A kNN probe scores the extractor on every client's test set.
 2. Personalized experts: every client caches latents of the frozen
    extractor and trains its expert; the server collects the expert bank.
 3. Gate: the bank goes to every client, then :class:`PartialFedAvg` over
    the gate (``fedgate``: ``shared.`` only; ``fedavg``: all; ``local``: none).
 
-Then NMoE evaluation on each client's test set and the paper's baselines
-(FedCE classifier, local classifier, centralized MoE). ``results.json`` is
+Then NMoE evaluation on each client's test set (which also writes every
+client's inference checkpoint) and the paper's baselines (FedCE classifier,
+local classifier, centralized MoE). ``pipeline = "alignment"`` runs
+:mod:`nmoe_flwr.alignment_run` instead of stages 2-3. ``results.json`` is
 rewritten after every stage; any error (bad config, failing client) ends
 the run with status failed.
 """
@@ -31,6 +35,7 @@ from .config import RunConfig, parse_run_config
 from .constants import (
     ACCURACY,
     ARRAYS,
+    BYTES_PER_SAMPLE,
     CONFIG,
     EXPERT_BANK,
     EXTRACTOR_PREFIX,
@@ -107,7 +112,7 @@ def discover_nodes(grid: Grid, cfg: RunConfig, timeout: float = 300.0) -> tuple[
 
 
 def _client_metric_table(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    return stages.mean_metrics(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR))
+    return stages.mean_metrics(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE))
 
 
 def run_partial_fedavg(

@@ -228,6 +228,7 @@ def launch(
         cmd += ["--run-config", run_config]
     print("+ " + shlex.join(cmd), flush=True)
     run_id = None
+    t0 = time.perf_counter()
     with local_superlink(env, flwr_home / "superlink") as link_env:
         log = log_file.open("w", buffering=1) if log_file else None  # line-buffered: tail -f works
         try:
@@ -250,6 +251,8 @@ def launch(
         if run_id is None:
             return "not-started", {"status": "not-started", "status-details": f"flwr run exited {proc.returncode}"}
         record = run_status(link_env, run_id)
+        # Until the run had finished (results written), before tearing the SuperLink and Ray down.
+        record["seconds-until-finished"] = time.perf_counter() - t0
     return str(record.get("status")), record
 
 

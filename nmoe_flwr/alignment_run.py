@@ -53,11 +53,10 @@ def run_alignment(grid: Grid, cfg: RunConfig, rec: RunRecorder, pids: Mapping[in
         rec.note("extractor-checkpoint", cfg.extractor_checkpoint)
         extractor_arrays = to_record(extractor)
     else:
-        fe_arrays = stage_fedce()
-        extractor_arrays, _ = split_shared(fe_arrays, (EXTRACTOR_PREFIX,))
-        path = rec.folder / "extractor.pt"
-        torch.save(from_record(extractor_arrays), path)
-        rec.note("extractor-saved", str(path))
+        extractor_arrays, _ = split_shared(stage_fedce(), (EXTRACTOR_PREFIX,))
+    path = rec.folder / "extractor.pt"  # the extractor this run used, for reuse by others
+    torch.save(from_record(extractor_arrays), path)
+    rec.note("extractor-saved", str(path))
     rec.timed("cache-latents", lambda: broadcast(
         grid, pids, RecordDict({ARRAYS: extractor_arrays, CONFIG: ConfigRecord()}), MSG_LATENTS, cfg.round_timeout
     ))

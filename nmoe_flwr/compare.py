@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     env = {"NMOE_OUTPUT_DIR": str(root)}
-    checkpoint = ""
+    checkpoint = str(base.get("extractor-checkpoint", ""))  # given: every rule uses it
     rows, curves = [], {}
     for rule in args.rules.split(","):
         run_name = f"{name}-{rule}"

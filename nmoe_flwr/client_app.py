@@ -97,7 +97,7 @@ class ClientEnv:
         missing = [k for k in (NODE_PARTITION_ID, NODE_NUM_PARTITIONS) if k not in node]
         if missing:
             raise ValueError(
-                f"node_config lacks {missing}; start the SuperNode with "
+                f"node_config lacks {', '.join(missing)}; start the SuperNode with "
                 f'--node-config "partition-id=<i> num-partitions={cfg.num_clients}" '
                 f"(optional keys: {NODE_DATA_DIR}, {NODE_OUTPUT_DIR})"
             )

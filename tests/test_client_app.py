@@ -62,7 +62,7 @@ def _msg(content, message_type):
 
 
 def test_missing_node_config_key_is_named(run_config):
-    with pytest.raises(ValueError, match=r"partition-id"):
+    with pytest.raises(ValueError, match=r"node_config lacks partition-id;"):
         ClientEnv.of(_context(run_config, {"num-partitions": 2}))
 
 

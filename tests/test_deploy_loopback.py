@@ -49,6 +49,6 @@ def test_node_without_partition_id_fails_fast_naming_the_key(tmp_path):
     configs = ["partition-id=0 num-partitions=3", "partition-id=1 num-partitions=3", "num-partitions=3"]
     outcome = deploy(ROOT, str(ROOT / "configs" / "deploy-smoke.toml"), 3, tmp_path, node_configs=configs, timeout=300)
     assert outcome["status"] == "finished:failed"
-    assert "node_config lacks ['partition-id']" in outcome["details"]
+    assert "node_config lacks partition-id;" in outcome["details"]
     assert outcome["wall-seconds"] < 120
     assert _left_behind(tmp_path / "flwr-home") == []

@@ -37,6 +37,20 @@ from .constants import (
     HEAD_PREFIX,
     IN_CHANNELS,
     METRICS,
+    MSG_CORRELATION,
+    MSG_EVAL_CLASSIFIER,
+    MSG_EVAL_MOE,
+    MSG_EVAL_NMOE,
+    MSG_EVAL_PROBE,
+    MSG_EXPERT,
+    MSG_EXPERT_BANK,
+    MSG_FEDCE,
+    MSG_FEDSC,
+    MSG_GATE,
+    MSG_INFO,
+    MSG_LATENTS,
+    MSG_LOCAL_BASELINE,
+    MSG_MOE,
     NODE_DATA_DIR,
     NODE_NUM_PARTITIONS,
     NODE_OUTPUT_DIR,
@@ -69,6 +83,13 @@ from .training import FitStats, Runtime, evaluate, resolve_runtime, set_torch_th
 from .workspace import cache_dir, client_dir, run_dir
 
 app = ClientApp()
+
+
+def _name(message_type: str) -> str:
+    """Handler name of a message type in constants (``"train.fedce"`` -> ``"fedce"``):
+    the server's message types and the client's handlers come from one place."""
+    return message_type.split(".", 1)[1]
+
 
 LOCAL_FEDCE = "local-fedce"  # context.state key: FedCE parameters kept local
 LOCAL_GATE = "local-gate"  # context.state key: gate parameters kept local
@@ -161,7 +182,7 @@ def _prefixes(msg: Message) -> list[str]:
     return [str(p) for p in msg.content[CONFIG].get(SHARED_PREFIXES, [])]
 
 
-@app.query("info")
+@app.query(_name(MSG_INFO))
 def info(msg: Message, context: Context) -> Message:
     """Report the partition id and data sizes (and load/cache the data early,
     so that a missing data set fails before any training)."""
@@ -179,7 +200,7 @@ def _classifier(env: ClientEnv, split: ClientSplits) -> nn.Module:
     )
 
 
-@app.train("fedce")
+@app.train(_name(MSG_FEDCE))
 def train_fedce(msg: Message, context: Context) -> Message:
     """Stage 1, FedCE: one round of local cross-entropy training of ``H(F(x))``."""
     env = ClientEnv.of(context)
@@ -197,7 +218,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
     return _reply(msg, _fit_metrics(stats), _split_partial(model, _prefixes(msg), context, LOCAL_FEDCE))
 
 
-@app.evaluate("classifier")
+@app.evaluate(_name(MSG_EVAL_CLASSIFIER))
 def evaluate_classifier(msg: Message, context: Context) -> Message:
     """The FedCE end-to-end classifier (global extractor and head, or the
     client's own head if heads were not averaged) on this client's test set."""
@@ -211,7 +232,7 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 
-@app.query("correlation")
+@app.query(_name(MSG_CORRELATION))
 def fedsc_correlation(msg: Message, context: Context) -> Message:
     """FedSC phase 1: this client's correlation matrix under the global weights,
     with Gaussian noise (``noise-multiplier`` x sensitivity ``2 mu / n``)."""
@@ -243,7 +264,7 @@ def _ssl_images(env: ClientEnv) -> torch.Tensor:
     return torch.cat([split.train.images, split.unlabeled.images])
 
 
-@app.train("fedsc")
+@app.train(_name(MSG_FEDSC))
 def train_fedsc(msg: Message, context: Context) -> Message:
     """FedSC phase 2: local spectral contrastive training against ``R_ext``."""
     env = ClientEnv.of(context)
@@ -262,7 +283,7 @@ def train_fedsc(msg: Message, context: Context) -> Message:
     return _reply(msg, _fit_metrics(stats), to_record(model.state_dict()))
 
 
-@app.evaluate("probe")
+@app.evaluate(_name(MSG_EVAL_PROBE))
 def evaluate_probe(msg: Message, context: Context) -> Message:
     """Stage-1 extractor quality: kNN on latents (memory: this client's labelled
     training set; queries: its test set)."""
@@ -294,7 +315,7 @@ def _cache_latents(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dic
     return latents
 
 
-@app.train("expert")
+@app.train(_name(MSG_EXPERT))
 def train_expert(msg: Message, context: Context) -> Message:
     """Stage 2: cache latents of the frozen extractor once, then train this
     client's personalized expert on them (from the FedCE head or scratch)."""
@@ -326,7 +347,7 @@ def train_expert(msg: Message, context: Context) -> Message:
     return _reply(msg, metrics, to_record(expert.state_dict()))
 
 
-@app.query("latents")
+@app.query(_name(MSG_LATENTS))
 def cache_latents(msg: Message, context: Context) -> Message:
     """Cache latents of the extractor the server sends (alignment pipeline)."""
     env = ClientEnv.of(context)
@@ -347,7 +368,7 @@ def _global_moe(env: ClientEnv, msg: Message, num_classes: int) -> nn.Module:
     return env.runtime.prepare(model)
 
 
-@app.train("moe")
+@app.train(_name(MSG_MOE))
 def train_moe(msg: Message, context: Context) -> Message:
     """Alignment: train the gate and the assigned experts (routing restricted
     to them) on cached latents; return them with the feedback the server's
@@ -373,7 +394,7 @@ def train_moe(msg: Message, context: Context) -> Message:
     return _reply(msg, metrics, to_record({k: v for k, v in state.items() if k.startswith(keep)}))
 
 
-@app.evaluate("moe")
+@app.evaluate(_name(MSG_EVAL_MOE))
 def evaluate_moe(msg: Message, context: Context) -> Message:
     """Alignment: the global MoE (top-k over all experts) on this client's test set."""
     env = ClientEnv.of(context)
@@ -385,7 +406,7 @@ def evaluate_moe(msg: Message, context: Context) -> Message:
     return _reply(msg, {NUM_EXAMPLES: len(split.test), **metrics})
 
 
-@app.query("expert_bank")
+@app.query(_name(MSG_EXPERT_BANK))
 def store_expert_bank(msg: Message, context: Context) -> Message:
     """Stage 3 set-up: keep the frozen expert bank on local disk."""
     env = ClientEnv.of(context)
@@ -408,7 +429,7 @@ def _gate_inputs(env: ClientEnv, split_name: str) -> tuple[torch.Tensor, list[nn
     return latents, experts, num_classes
 
 
-@app.train("gate")
+@app.train(_name(MSG_GATE))
 def train_gate(msg: Message, context: Context) -> Message:
     """Stage 3: one round of gate training against the frozen expert bank;
     the entries under ``shared-prefixes`` go back to the server."""
@@ -432,7 +453,7 @@ def train_gate(msg: Message, context: Context) -> Message:
     return _reply(msg, _fit_metrics(stats), _split_partial(gate, _prefixes(msg), context, LOCAL_GATE))
 
 
-@app.evaluate("nmoe")
+@app.evaluate(_name(MSG_EVAL_NMOE))
 def evaluate_nmoe(msg: Message, context: Context) -> Message:
     """NMoE prediction on this client's test set: its gate picks the top-k of
     all clients' experts; reports accuracy, macro-F1, share routed away."""
@@ -469,7 +490,7 @@ def _write_checkpoint(env: ClientEnv, gate: nn.Module, expert: nn.Module, split:
     )
 
 
-@app.train("local_classifier")
+@app.train(_name(MSG_LOCAL_BASELINE))
 def train_local_classifier(msg: Message, context: Context) -> Message:
     """Baseline: a classifier trained on this client's data alone, scored on its test set."""
     env = ClientEnv.of(context)

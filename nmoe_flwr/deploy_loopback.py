@@ -32,7 +32,14 @@ import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .launcher import RUN_ID, free_port, merged_run_config, offline_env, run_status, stop_tree
+from .launcher import (
+    RUN_ID,
+    free_port,
+    merged_run_config,
+    offline_env,
+    run_status,
+    stop_tree,
+)
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:

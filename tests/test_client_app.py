@@ -129,3 +129,10 @@ def test_correlation_handler_adds_noise_of_the_expected_std(run_config):
     assert m1["num-examples"] == 40
     assert (noisy - clean).std().item() == pytest.approx(expected, rel=0.05)  # 4096 entries
     assert torch.allclose(clean, clean.T, atol=1e-5)  # noiseless R is symmetric
+
+
+def test_every_message_type_the_server_sends_has_a_handler():
+    from nmoe_flwr import constants
+
+    sent = {v for k, v in vars(constants).items() if k.startswith("MSG_")}
+    assert sent == set(client_app.app._registered_funcs)  # private, but the only registry Flower keeps

@@ -184,6 +184,8 @@ class ExpertAssignment(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Per-expert aggregation, score updates, bytes and simulated time."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
+        valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
         if not valid or self._global is None:
             return None, None
         current = {k: v.numpy() for k, v in self._global.items()}

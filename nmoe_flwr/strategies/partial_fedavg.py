@@ -88,7 +88,8 @@ class PartialFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop local entries from the replies, then average by example count."""
-        replies = list(replies)
+        # Replies arrive in any order; sorting by node makes the float sums reproducible.
+        replies = sorted(replies, key=lambda r: r.metadata.src_node_id)
         for reply in replies:
             if reply.has_error():
                 continue

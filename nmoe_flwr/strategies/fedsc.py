@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -130,6 +130,12 @@ class FedSC(FedAvg):
             stale = {n: server_round - e.server_round for n, e in self.matrices.items() if n not in fresh}
             if stale:
                 log(INFO, "FedSC: reusing stale matrices of %d nodes (ages %s rounds)", len(stale), sorted(stale.values()))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg of the weights, with replies in node order (reproducible float sums)."""
+        return super().aggregate_train(server_round, sorted(replies, key=lambda r: r.metadata.src_node_id))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

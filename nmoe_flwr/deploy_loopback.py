@@ -24,21 +24,22 @@ import argparse
 import datetime
 import ipaddress
 import json
-import shlex
+import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .launcher import (
-    RUN_ID,
     free_port,
     merged_run_config,
     offline_env,
     run_status,
     stop_tree,
+    stream_flwr_run,
+    wait_healthy,
+    write_run_config,
 )
 
 
@@ -108,21 +109,6 @@ def _process(cmd: list[str], env: dict[str, str], log: Path):
         fh.close()
 
 
-def _wait_healthy(port: int, ca: Path, timeout: float = 60.0) -> None:
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=1, context=ctx):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SuperLink on port {port} not healthy after {timeout:.0f} s") from None
-            time.sleep(0.3)
-
-
 def deploy(
     app: Path,
     run_config: str,
@@ -145,10 +131,7 @@ def deploy(
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs["ca"]}"\n'
     )
     merged = merged_run_config(run_config, overrides)
-    config_file = workdir / "run-config.toml"
-    import tomli_w
-
-    config_file.write_text(tomli_w.dumps(merged))
+    config_file = write_run_config(merged, workdir / "run-config.toml")
     run_name = str(merged.get("run-name", ""))
     outcome: dict = {"status": "not-started"}
     t_start = time.perf_counter()
@@ -159,7 +142,9 @@ def deploy(
             "--database", str(workdir / "state.db"), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
         ], env, workdir / "superlink.log"))
-        _wait_healthy(port, certs["ca"])
+        wait_healthy(
+            f"https://127.0.0.1:{port}/health", context=ssl.create_default_context(cafile=str(certs["ca"]))
+        )
         nodes = []
         for i in range(num_nodes):
             private, public = make_auth_keys(workdir / "certs", f"supernode-{i}")
@@ -172,20 +157,7 @@ def deploy(
                 "--auth-supernode-private-key", str(private), "--port", str(free_port()), "--node-config", node_config,
             ], env, workdir / f"supernode-{i}.log")))
         cmd = ["flwr", "run", str(app), "loopback", "--stream", "--run-config", str(config_file)]
-        print("+ " + shlex.join(cmd), flush=True)
-        log = (workdir / "run.log").open("w", buffering=1)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app)
-        run_id, deadline = None, time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            run_id = run_id or (m.group(1) if (m := RUN_ID.search(line)) else None)
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
-        proc.wait()
-        log.close()
+        run_id, _ = stream_flwr_run(cmd, env, app, workdir / "run.log", timeout)
         if run_id:
             record = run_status({**env}, run_id)
             outcome = {"status": record.get("status"), "details": record.get("status-details"), "run-id": run_id}

@@ -106,6 +106,68 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def wait_healthy(
+    url: str,
+    timeout: float = 60.0,
+    *,
+    context=None,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll a SuperLink's ``/health`` until it answers (``context``: TLS).
+
+    Raises if ``proc`` (the SuperLink) exits first, naming its ``log``, or
+    after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0, context=context):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def stream_flwr_run(
+    cmd: list[str], env: dict[str, str], cwd: Path, log_file: Path | None, timeout: float
+) -> tuple[str | None, int]:
+    """Run ``flwr run ... --stream``, echo its output (and to ``log_file``),
+    and return ``(run id or None, exit code)``; killed after ``timeout`` s."""
+    print("+ " + shlex.join(cmd), flush=True)
+    run_id = None
+    log = log_file.open("w", buffering=1) if log_file else None  # line-buffered: tail -f works
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if log:
+                log.write(line)
+            if run_id is None and (m := RUN_ID.search(line)):
+                run_id = m.group(1)
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+        return run_id, proc.wait()
+    finally:
+        if log:
+            log.close()
+
+
+def write_run_config(merged: dict, path: Path) -> Path:
+    """The merged run config as the single TOML file ``flwr run`` accepts."""
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(merged))
+    return path
+
+
 @contextlib.contextmanager
 def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
     """Start a simulation SuperLink on free ports; yield the env that points
@@ -123,17 +185,7 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {workdir / 'superlink.log'}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"flower-superlink not healthy after {timeout:.0f} s") from None
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{http_port}/health", timeout, proc=proc, log=workdir / "superlink.log")
         yield {
             **env,
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
@@ -218,38 +270,14 @@ def launch(
         federation += f" client-resources-num-gpus={gpus_per_client}"
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
     if overrides:
-        import tomli_w
-
-        flwr_home.mkdir(parents=True, exist_ok=True)
-        merged_file = flwr_home / "run-config.toml"
-        merged_file.write_text(tomli_w.dumps(merged))
-        cmd += ["--run-config", str(merged_file)]
+        cmd += ["--run-config", str(write_run_config(merged, flwr_home / "run-config.toml"))]
     elif run_config:
         cmd += ["--run-config", run_config]
-    print("+ " + shlex.join(cmd), flush=True)
-    run_id = None
     t0 = time.perf_counter()
     with local_superlink(env, flwr_home / "superlink") as link_env:
-        log = log_file.open("w", buffering=1) if log_file else None  # line-buffered: tail -f works
-        try:
-            proc = subprocess.Popen(cmd, env=link_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app)
-            deadline = time.monotonic() + timeout
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                if log:
-                    log.write(line)
-                if run_id is None and (m := RUN_ID.search(line)):
-                    run_id = m.group(1)
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    break
-            proc.wait()
-        finally:
-            if log:
-                log.close()
+        run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
         if run_id is None:
-            return "not-started", {"status": "not-started", "status-details": f"flwr run exited {proc.returncode}"}
+            return "not-started", {"status": "not-started", "status-details": f"flwr run exited {code}"}
         record = run_status(link_env, run_id)
         # Until the run had finished (results written), before tearing the SuperLink and Ray down.
         record["seconds-until-finished"] = time.perf_counter() - t0

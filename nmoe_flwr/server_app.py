@@ -115,6 +115,19 @@ def _client_metric_table(per_client: Mapping[int, Mapping[str, float]]) -> dict[
     return stages.mean_metrics(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE))
 
 
+def rounds_of(result, num_rounds: int, what: str) -> dict[int, dict[str, float]]:
+    """Aggregated training metrics per round of a finished ``Strategy.start``.
+
+    Raises
+    ------
+    ClientFailure
+        If fewer than ``num_rounds`` rounds were aggregated (replies missing).
+    """
+    if len(result.train_metrics_clientapp) != num_rounds:
+        raise ClientFailure(f"{what}: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated")
+    return {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+
+
 def run_partial_fedavg(
     grid: Grid,
     cfg: RunConfig,
@@ -139,12 +152,7 @@ def run_partial_fedavg(
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({NUM_ROUNDS: num_rounds}),
     )
-    if len(result.train_metrics_clientapp) != num_rounds:
-        raise ClientFailure(
-            f"{message_type}: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated"
-        )
-    rounds = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
-    return result.arrays, rounds
+    return result.arrays, rounds_of(result, num_rounds, message_type)
 
 
 @app.main()
@@ -278,9 +286,7 @@ def stage_fedsc(grid: Grid, cfg: RunConfig, rec: RunRecorder, in_channels: int) 
         grid=grid, initial_arrays=to_record(init), num_rounds=num_rounds, timeout=cfg.round_timeout,
         train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
     )
-    if len(result.train_metrics_clientapp) != num_rounds:
-        raise ClientFailure(f"FedSC: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated")
-    rounds = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+    rounds = rounds_of(result, num_rounds, MSG_FEDSC)
     releases = max(strategy.releases.values(), default=0)
     spent = mechanism.epsilon(releases)
     log(INFO, "FedSC: epsilon spent %.3f (delta %g) after %d releases per client", spent, cfg.dp_delta, releases)

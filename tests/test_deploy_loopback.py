@@ -5,30 +5,15 @@ SuperNodes poll every few seconds. Run by CI.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import processes_mentioning
 
 from nmoe_flwr.deploy_loopback import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _left_behind(flwr_home: Path) -> list[str]:
-    """Live processes started for this deployment (they inherit its FLWR_HOME)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                env = (proc / "environ").read_bytes().decode(errors="replace")
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z" and f"FLWR_HOME={flwr_home}\0" in env + "\0":
-                found.append(proc.name)
-    return found
 
 
 def test_smoke_on_three_supernodes_with_tls_completes(tmp_path):
@@ -42,7 +27,7 @@ def test_smoke_on_three_supernodes_with_tls_completes(tmp_path):
     for i in range(3):  # each node wrote to its own output-dir from --node-config
         assert (tmp_path / f"node-{i}" / "deploy-smoke" / "checkpoints" / f"client-{i}" / "manifest.json").exists()
     assert "BEGIN CERTIFICATE" in (tmp_path / "certs" / "ca.pem").read_text()
-    assert _left_behind(tmp_path / "flwr-home") == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_node_without_partition_id_fails_fast_naming_the_key(tmp_path):
@@ -51,4 +36,4 @@ def test_node_without_partition_id_fails_fast_naming_the_key(tmp_path):
     assert outcome["status"] == "finished:failed"
     assert "node_config lacks partition-id;" in outcome["details"]
     assert outcome["wall-seconds"] < 120
-    assert _left_behind(tmp_path / "flwr-home") == []
+    assert processes_mentioning(str(tmp_path)) == []

@@ -2,35 +2,18 @@
 a bad config value fails the run, and no process is left behind."""
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import processes_mentioning
 
 from nmoe_flwr.launcher import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    """Live processes whose command line or environment mention ``text``
-    (every process a run starts inherits FLWR_HOME and RAY_TMPDIR below tmp)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                env = (proc / "environ").read_bytes().decode(errors="replace")
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z" and (text in cmd or text in env):
-                found.append(f"{proc.name}: {cmd[:120]}")
-    return found
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -90,8 +73,8 @@ def test_bad_config_value_fails_the_run_fast(tmp_path):
 
 def test_no_process_left_behind(smoke_run):
     _, _, _, tmp = smoke_run
-    assert _processes_mentioning(str(tmp)) == []
-    assert _processes_mentioning((tmp / "ray-tmpdir").read_text()) == []
+    assert processes_mentioning(str(tmp)) == []
+    assert processes_mentioning((tmp / "ray-tmpdir").read_text()) == []
 
 
 def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
@@ -104,8 +87,8 @@ def test_fedsc_smoke_preset_completes_with_probe_nmoe_and_epsilon(tmp_path):
     assert fedsc["matrix-releases-per-client-max"] == 3
     assert set(results["results"]["extractor-knn"]["per-client"]) == {"0", "1", "2", "3"}
     assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.5
-    assert _processes_mentioning(str(tmp_path)) == []
-    assert _processes_mentioning((tmp_path / "ray-tmpdir").read_text()) == []
+    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning((tmp_path / "ray-tmpdir").read_text()) == []
 
 
 def test_alignment_smoke_preset_writes_summary_csv_and_plots(tmp_path):
@@ -124,7 +107,7 @@ def test_alignment_smoke_preset_writes_summary_csv_and_plots(tmp_path):
     rows = [r for r in (folder / "rounds.csv").read_text().splitlines() if r.startswith("alignment,")]
     assert len(rows) == 5
     assert (folder / "extractor.pt").exists()
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke_run):

@@ -74,7 +74,11 @@ def fedce_plain(
 
 
 def _config_from(preset: str | None, overrides: list[str]) -> RunConfig:
-    """Defaults of pyproject.toml (if found) + a preset TOML + ``key=value`` overrides."""
+    """Defaults of pyproject.toml (if found) + a preset TOML + ``key=value`` overrides.
+
+    Deliberately not :func:`nmoe_flwr.launcher.merged_run_config`, which uses
+    flwr's parser: this path must run where ``flwr`` is not installed.
+    """
     from pathlib import Path
 
     import tomllib

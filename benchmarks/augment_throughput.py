@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmoe_flwr.data.augment import two_views  # noqa: E402
-from nmoe_flwr.ssl import SSLModel, spectral_loss  # noqa: E402
+from nmoe_flwr.data.registry import PixelStats  # noqa: E402
+from nmoe_flwr.algorithms.fedsc import SSLModel, spectral_loss  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -58,7 +59,7 @@ def main() -> int:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randint(0, 256, (args.batch, channels, size, size), dtype=torch.uint8, device=device)
         torch.manual_seed(0)
-        model = SSLModel(channels, 128).to(device).to(memory_format=torch.channels_last)
+        model = SSLModel(PixelStats.neutral(channels), 128).to(device).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         views = two_views(x, g)
 

@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmoe_flwr.inference.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
+from nmoe_flwr.data.registry import PixelStats  # noqa: E402
 from nmoe_flwr.inference.router import GrpcTransport, InProcessTransport, Router  # noqa: E402
-from nmoe_flwr.models import MLP, Gate, ResNet20  # noqa: E402
+from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20  # noqa: E402
 
 
 def random_checkpoints(folder: Path, n: int, channels: int = 1) -> list[Path]:
@@ -40,10 +41,10 @@ def random_checkpoints(folder: Path, n: int, channels: int = 1) -> list[Path]:
     out = []
     for pid in range(n):
         torch.manual_seed(pid)
-        states = {"extractor": ResNet20(channels).state_dict(), "gate": Gate(64, 128, n).state_dict(),
+        states = {"extractor": ResNet20(PixelStats.neutral(channels)).state_dict(), "gate": Gate(64, 128, n).state_dict(),
                   "expert": MLP(64, 128, 10).state_dict()}
         out.append(write_checkpoint(folder / f"client-{pid}", states, {
-            "partition-id": pid, "num-experts": n, "in-channels": channels, "num-classes": 10,
+            "partition-id": pid, "num-experts": n, "in-channels": channels, "num-classes": 10, "pixel-mean": [0.5] * channels, "pixel-std": [0.25] * channels,
             "latent-dim": 64, "mlp-hidden": 128, "top-k": 1}))
     return out
 
@@ -81,7 +82,7 @@ def main() -> int:
         procs, addresses = [], {}
         try:
             for folder in folders[1:]:
-                proc = subprocess.Popen([sys.executable, "-m", "nmoe_flwr.inference.cli", "serve-expert",
+                proc = subprocess.Popen([sys.executable, "-m", "nmoe_flwr.cli.inference", "serve-expert",
                                          "--checkpoint", str(folder), "--workers", "2"],
                                         stdout=subprocess.PIPE, text=True)
                 procs.append(proc)

@@ -3,7 +3,7 @@
 Measured in one run, on one machine:
 
 1. the machine's fp32 matmul peak (GFLOP/s, all cores);
-2. ``python -m nmoe_flwr.plain`` -- the same clients, rounds and local
+2. ``python -m nmoe_flwr.cli.plain_fedce`` -- the same clients, rounds and local
    training in one process, start-up and data loading included;
 3. ``nmoe-run`` (``flwr run`` in local simulation, ``stages = "fe"``, no
    baselines) -- SuperLink, Ray and ClientApp start-up included, until the
@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nmoe_flwr.launcher import launch  # noqa: E402
-from nmoe_flwr.models import Classifier  # noqa: E402
+from nmoe_flwr.cli.run import launch  # noqa: E402
+from nmoe_flwr.data.registry import PixelStats  # noqa: E402
+from nmoe_flwr.algorithms.models import Classifier  # noqa: E402
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -54,7 +55,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 def training_gflop_per_image(in_channels: int, size: int, num_classes: int = 10) -> float:
     """Training cost of one image: 3x the forward FLOPs of conv and linear layers
     (forward + two backward matmuls), counted with forward hooks."""
-    model = Classifier(in_channels, num_classes, 128)
+    model = Classifier(PixelStats.neutral(in_channels), num_classes, 128)
     flops = 0
 
     def count(module, inputs, output):
@@ -91,7 +92,7 @@ def main() -> int:
         # Each path gets its own empty output root, so both pay for decoding the data once.
         t0 = time.perf_counter()
         plain = subprocess.run(
-            [sys.executable, "-m", "nmoe_flwr.plain", "--preset", args.preset, *common],
+            [sys.executable, "-m", "nmoe_flwr.cli.plain_fedce", "--preset", args.preset, *common],
             cwd=ROOT, env={**os.environ, "NMOE_OUTPUT_DIR": str(Path(tmp) / "plain")},
             capture_output=True, text=True, check=True,
         )

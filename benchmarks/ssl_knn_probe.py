@@ -17,10 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nmoe_flwr import stages  # noqa: E402
+from nmoe_flwr.algorithms.experts import compute_latents  # noqa: E402
+from nmoe_flwr.algorithms.fedsc import new_ssl_model, train_fedsc  # noqa: E402
+from nmoe_flwr.algorithms.probes import knn_metrics  # noqa: E402
+from nmoe_flwr.algorithms.training import resolve_runtime  # noqa: E402
 from nmoe_flwr.config import parse_run_config  # noqa: E402
-from nmoe_flwr.data import load_split, resolve_data_dir  # noqa: E402
-from nmoe_flwr.training import resolve_runtime  # noqa: E402
+from nmoe_flwr.data import dataset_spec, load_split, resolve_data_dir  # noqa: E402
 
 
 def main() -> int:
@@ -37,16 +39,17 @@ def main() -> int:
     train, test = load_split("fashion-mnist", "train", root), load_split("fashion-mnist", "test", root)
     x, y = train.images[: args.samples].to(rt.device), train.labels[: args.samples].to(rt.device)
     xt, yt = test.images[:1000].to(rt.device), test.labels[:1000].to(rt.device)
-    model = rt.prepare(stages.new_ssl_model(cfg, 1, 0))
+    model = rt.prepare(new_ssl_model(dataset_spec("fashion-mnist").pixel_stats, cfg.fedsc_proj_dim, 0))
+    bs = cfg.batch_size * 4
 
     def probe() -> float:
-        h = stages.compute_latents(model.extractor, x, cfg, rt)
-        return stages.knn_metrics(h, y, stages.compute_latents(model.extractor, xt, cfg, rt), yt, 10, cfg.knn_k)["accuracy"]
+        h, ht = compute_latents(model.extractor, x, bs, rt), compute_latents(model.extractor, xt, bs, rt)
+        return knn_metrics(h, y, ht, yt, 10, cfg.knn_k)["accuracy"]
 
     print(f"random init: kNN accuracy {probe():.3f}", flush=True)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        stats = stages.train_fedsc(model, x, None, 1.0, cfg, rt, lr=args.lr, seed=epoch)
+        stats = train_fedsc(model, x, None, 1.0, cfg, rt, lr=args.lr, seed=epoch)
         if epoch % args.every == 0:
             print(f"epoch {epoch}: loss {stats.loss:.3f}, kNN accuracy {probe():.3f} ({time.perf_counter() - t0:.0f} s/epoch)", flush=True)
     return 0

@@ -1,28 +1,27 @@
-"""ClientApp: one handler per stage; each adapts messages to :mod:`nmoe_flwr.stages`.
+"""ClientApp: one handler per message type; each adapts a message to :mod:`nmoe_flwr.algorithms`.
 
-Per-client state that must survive rounds and stages:
-
-- ``context.state`` (serialised with every message, so kept small): the
-  *local* parameters of partially averaged models -- the FedCE head when it
-  is not averaged, the gate's decision layer (or the whole gate for
-  ``gate-method = "local"``).
-- the client's folder on local disk (``<output-dir>/<run-name>/clients/<id>``):
-  its data split, the latents cached after stage 1 and the frozen expert bank.
+What a client keeps between messages (its environment, its local parameters
+in ``context.state``, its files on disk) is :mod:`nmoe_flwr.client_state`.
+Handler names come from the message types in :mod:`nmoe_flwr.constants`, so
+the server's messages and the client's handlers cannot drift apart.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from . import stages
-from .config import RunConfig, parse_run_config
+from .algorithms import experts, fedce, fedsc, gate, global_moe
+from .algorithms.models import MLP, ResNet20
+from .algorithms.privacy import GaussianMechanism, privatize
+from .algorithms.probes import knn_metrics
+from .algorithms.seeding import derive_seed, generator
+from .algorithms.training import DeviceData, FitStats, evaluate
+from .client_state import ClientEnv, load_partial, split_partial
 from .constants import (
     ALPHA,
     ARRAYS,
@@ -32,11 +31,13 @@ from .constants import (
     CORRELATION_KEY,
     EXPERT_BANK,
     EXPERT_IMPROVEMENT,
+    EXPERT_METRIC_PREFIX,
     EXPERT_ROUTED,
     EXTRACTOR_PREFIX,
     HEAD_PREFIX,
     IN_CHANNELS,
     METRICS,
+    MOE_GATE_PREFIX,
     MSG_CORRELATION,
     MSG_EVAL_CLASSIFIER,
     MSG_EVAL_MOE,
@@ -51,10 +52,6 @@ from .constants import (
     MSG_LATENTS,
     MSG_LOCAL_BASELINE,
     MSG_MOE,
-    NODE_DATA_DIR,
-    NODE_NUM_PARTITIONS,
-    NODE_OUTPUT_DIR,
-    NODE_PARTITION_ID,
     NOISE_MULTIPLIER,
     NOISE_STD,
     NUM_CLASSES,
@@ -71,16 +68,18 @@ from .constants import (
     SHARED_PREFIXES,
     TRAIN_ACC,
     TRAIN_LOSS,
+    moe_expert_prefix,
 )
 from .data import ClientSplits
-from .data.federated import client_splits
-from .inference.checkpoint import client_checkpoint_dir, write_checkpoint
-from .models import MLP, ResNet20, state_subset
-from .privacy import GaussianMechanism, privatize
-from .records import bank_from_record, from_record, to_record
-from .seeding import derive_seed, generator
-from .training import FitStats, Runtime, evaluate, resolve_runtime, set_torch_threads
-from .workspace import cache_dir, client_dir, run_dir
+from .inference.checkpoint import write_checkpoint
+from .inference.evaluation import nmoe_metrics
+from .records import (
+    bank_from_record,
+    from_record,
+    state_subset,
+    strip_prefix,
+    to_record,
+)
 
 app = ClientApp()
 
@@ -95,60 +94,6 @@ LOCAL_FEDCE = "local-fedce"  # context.state key: FedCE parameters kept local
 LOCAL_GATE = "local-gate"  # context.state key: gate parameters kept local
 
 
-@dataclass(frozen=True)
-class ClientEnv:
-    """Everything a handler needs, derived from the Context once per message."""
-
-    cfg: RunConfig
-    partition_id: int
-    workdir: Path
-    runtime: Runtime
-
-    @classmethod
-    def of(cls, context: Context) -> ClientEnv:
-        """Parse the run config and the node config; fail with the missing key named.
-
-        One code path for simulation and deployment: Flower's simulation sets
-        ``partition-id`` and ``num-partitions`` itself; a SuperNode gets them
-        (and optionally ``data-dir``, ``output-dir`` for its own disk) from
-        ``--node-config``.
-        """
-        cfg = parse_run_config(context.run_config)
-        node = context.node_config
-        missing = [k for k in (NODE_PARTITION_ID, NODE_NUM_PARTITIONS) if k not in node]
-        if missing:
-            raise ValueError(
-                f"node_config lacks {', '.join(missing)}; start the SuperNode with "
-                f'--node-config "partition-id=<i> num-partitions={cfg.num_clients}" '
-                f"(optional keys: {NODE_DATA_DIR}, {NODE_OUTPUT_DIR})"
-            )
-        local = {
-            field: str(node[key])
-            for key, field in ((NODE_DATA_DIR, "data_dir"), (NODE_OUTPUT_DIR, "output_dir"))
-            if key in node
-        }
-        if local:
-            cfg = cfg.model_copy(update=local)
-        pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])
-        if n != cfg.num_clients or not 0 <= pid < n:
-            raise ValueError(
-                f"node has partition-id={pid}, num-partitions={n} but the run config says "
-                f"num-clients={cfg.num_clients}; simulate with --federation-config "
-                f'"num-supernodes={cfg.num_clients}"'
-            )
-        set_torch_threads(cfg.torch_threads)
-        run = run_dir(cfg.output_dir, cfg.run_name, context.run_id)
-        return cls(cfg, pid, client_dir(run, pid), resolve_runtime(cfg.device, cfg.amp, cfg.channels_last))
-
-    def splits(self) -> ClientSplits:
-        """This client's train/test data (cached on its disk)."""
-        return client_splits(self.cfg, self.partition_id, self.workdir, cache_dir(self.cfg.output_dir))
-
-    def seed(self, *parts: object) -> int:
-        """A seed private to this client and purpose."""
-        return derive_seed(self.cfg.seed, self.partition_id, *parts)
-
-
 def _reply(msg: Message, metrics: dict[str, float | int], arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if arrays is not None:
@@ -158,24 +103,6 @@ def _reply(msg: Message, metrics: dict[str, float | int], arrays: ArrayRecord | 
 
 def _fit_metrics(stats: FitStats) -> dict[str, float | int]:
     return {NUM_EXAMPLES: stats.num_examples, TRAIN_LOSS: stats.loss, TRAIN_ACC: stats.accuracy, SECONDS: stats.seconds}
-
-
-def _load_partial(model: nn.Module, msg: Message, context: Context, state_key: str) -> None:
-    """Load the server's shared entries, then this client's local ones (if any yet)."""
-    shared = from_record(msg.content[ARRAYS])
-    local = from_record(context.state[state_key]) if state_key in context.state else {}
-    unknown = set(shared) - set(model.state_dict())
-    if unknown:
-        raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
-    model.load_state_dict({**model.state_dict(), **shared, **local})
-
-
-def _split_partial(model: nn.Module, prefixes: list[str], context: Context, state_key: str) -> ArrayRecord:
-    """Keep the local entries in ``context.state``; return the shared ones for the server."""
-    state = model.state_dict()
-    shared = state_subset(state, prefixes)
-    context.state[state_key] = to_record({k: v for k, v in state.items() if k not in shared})
-    return to_record(shared)
 
 
 def _prefixes(msg: Message) -> list[str]:
@@ -194,10 +121,10 @@ def info(msg: Message, context: Context) -> Message:
     })
 
 
-def _classifier(env: ClientEnv, split: ClientSplits) -> nn.Module:
-    return stages.new_classifier(
-        env.cfg, split.train.images.shape[1], split.train.num_classes, derive_seed(env.cfg.seed, "fedce-init")
-    )
+def _classifier(env: ClientEnv, split: ClientSplits, seed_purpose: str = "fedce-init", shared_seed: bool = True) -> nn.Module:
+    """A fresh classifier; FedCE's starts from the seed every client shares."""
+    seed = derive_seed(env.cfg.seed, seed_purpose) if shared_seed else env.seed(seed_purpose)
+    return fedce.new_classifier(env.pixel_stats(split), split.train.num_classes, env.cfg.mlp_hidden, seed)
 
 
 @app.train(_name(MSG_FEDCE))
@@ -208,14 +135,14 @@ def train_fedce(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
     model = _classifier(env, split)
-    _load_partial(model, msg, context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
-    stats = stages.train_classifier(
-        model, stages.DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
-        epochs=env.cfg.fedce_local_epochs, lr=stages.fedce_round_lr(env.cfg, rnd, num_rounds),
+    stats = fedce.train_classifier(
+        model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
+        epochs=env.cfg.fedce_local_epochs, lr=fedce.fedce_round_lr(env.cfg.lr, rnd, num_rounds),
         seed=env.seed("fedce", rnd),
     )
-    return _reply(msg, _fit_metrics(stats), _split_partial(model, _prefixes(msg), context, LOCAL_FEDCE))
+    return _reply(msg, _fit_metrics(stats), split_partial(model, _prefixes(msg), context, LOCAL_FEDCE))
 
 
 @app.evaluate(_name(MSG_EVAL_CLASSIFIER))
@@ -225,11 +152,25 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    _load_partial(model, msg, context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
-    test = stages.DeviceData.of(split.test, env.runtime)
-    metrics = stages.classifier_metrics(model, test, split.test.num_classes, env.cfg, env.runtime)
+    test = DeviceData.of(split.test, env.runtime)
+    metrics = fedce.classifier_metrics(model, test, split.test.num_classes, env.cfg.batch_size * 4, env.runtime)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
+
+
+def _ssl_model(env: ClientEnv, split: ClientSplits, msg: Message) -> fedsc.SSLModel:
+    """FedSC's model with the server's weights, on the training device."""
+    model = fedsc.new_ssl_model(env.pixel_stats(split), env.cfg.fedsc_proj_dim, derive_seed(env.cfg.seed, "fedsc-init"))
+    model.load_state_dict(from_record(msg.content[ARRAYS]))
+    return env.runtime.prepare(model)
+
+
+def _ssl_images(split: ClientSplits) -> torch.Tensor:
+    """Everything self-supervised training may see: labelled + unlabelled images."""
+    if split.unlabeled is None:
+        return split.train.images
+    return torch.cat([split.train.images, split.unlabeled.images])
 
 
 @app.query(_name(MSG_CORRELATION))
@@ -237,13 +178,12 @@ def fedsc_correlation(msg: Message, context: Context) -> Message:
     """FedSC phase 1: this client's correlation matrix under the global weights,
     with Gaussian noise (``noise-multiplier`` x sensitivity ``2 mu / n``)."""
     env = ClientEnv.of(context)
-    x = _ssl_images(env)
+    split = env.splits()
+    x = _ssl_images(split)
     config = msg.content[CONFIG]
     rnd = int(config[SERVER_ROUND])
-    model = stages.new_ssl_model(env.cfg, x.shape[1], derive_seed(env.cfg.seed, "fedsc-init"))
-    model.load_state_dict(from_record(msg.content[ARRAYS]))
-    model = env.runtime.prepare(model)
-    r = stages.fedsc_correlation(model, x.to(env.runtime.device), env.cfg, env.runtime, env.seed("corr", rnd))
+    model = _ssl_model(env, split, msg)
+    r = fedsc.fedsc_correlation(model, x.to(env.runtime.device), env.cfg, env.runtime, env.seed("corr", rnd))
     mechanism = GaussianMechanism(float(config.get(NOISE_MULTIPLIER, 0.0)), env.cfg.dp_delta)
     std = mechanism.noise_std(env.cfg.fedsc_mu, x.shape[0])
     r = privatize(r, std, generator(env.seed("dp-noise", rnd), env.runtime.device))
@@ -256,31 +196,26 @@ def fedsc_correlation(msg: Message, context: Context) -> Message:
     )
 
 
-def _ssl_images(env: ClientEnv) -> torch.Tensor:
-    """Everything self-supervised training may see: labelled + unlabelled images."""
-    split = env.splits()
-    if split.unlabeled is None:
-        return split.train.images
-    return torch.cat([split.train.images, split.unlabeled.images])
-
-
 @app.train(_name(MSG_FEDSC))
 def train_fedsc(msg: Message, context: Context) -> Message:
     """FedSC phase 2: local spectral contrastive training against ``R_ext``."""
     env = ClientEnv.of(context)
-    x = _ssl_images(env)
+    split = env.splits()
+    x = _ssl_images(split)
     config = msg.content[CONFIG]
     rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
-    model = stages.new_ssl_model(env.cfg, x.shape[1], derive_seed(env.cfg.seed, "fedsc-init"))
-    model.load_state_dict(from_record(msg.content[ARRAYS]))
-    model = env.runtime.prepare(model)
+    model = _ssl_model(env, split, msg)
     ext = msg.content[CORRELATION]
     r_ext = from_record(ext)[R_EXT_KEY].to(env.runtime.device) if R_EXT_KEY in ext else None
-    stats = stages.train_fedsc(
+    stats = fedsc.train_fedsc(
         model, x.to(env.runtime.device), r_ext, float(config[ALPHA]), env.cfg, env.runtime,
-        lr=stages.fedsc_round_lr(env.cfg, rnd, num_rounds), seed=env.seed("fedsc", rnd),
+        lr=fedsc.fedsc_round_lr(env.cfg.fedsc_lr, rnd, num_rounds), seed=env.seed("fedsc", rnd),
     )
     return _reply(msg, _fit_metrics(stats), to_record(model.state_dict()))
+
+
+def _latents_of(env: ClientEnv, extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return experts.compute_latents(extractor, images.to(env.runtime.device), env.cfg.batch_size * 4, env.runtime)
 
 
 @app.evaluate(_name(MSG_EVAL_PROBE))
@@ -293,25 +228,20 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     model = _classifier(env, split)
     model.load_state_dict({**model.state_dict(), **state_subset(from_record(msg.content[ARRAYS]), [EXTRACTOR_PREFIX])})
     model = rt.prepare(model)
-    train_h = stages.compute_latents(model.extractor, split.train.images.to(rt.device), env.cfg, rt)
-    test_h = stages.compute_latents(model.extractor, split.test.images.to(rt.device), env.cfg, rt)
-    metrics = stages.knn_metrics(
-        train_h, split.train.labels.to(rt.device), test_h, split.test.labels.to(rt.device),
+    metrics = knn_metrics(
+        _latents_of(env, model.extractor, split.train.images), split.train.labels.to(rt.device),
+        _latents_of(env, model.extractor, split.test.images), split.test.labels.to(rt.device),
         split.test.num_classes, env.cfg.knn_k,
     )
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 
-def _cache_latents(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dict[str, torch.Tensor]:
+def _freeze_extractor(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dict[str, torch.Tensor]:
     """Latents of the frozen extractor for the train and test sets, computed once
-    and kept on the client's disk for the later stages."""
-    rt, cfg = env.runtime, env.cfg
-    latents = {
-        name: stages.compute_latents(model.extractor, data.images.to(rt.device), cfg, rt).cpu()
-        for name, data in (("train", split.train), ("test", split.test))
-    }
-    torch.save(latents, env.workdir / "latents.pt")
-    torch.save(state_subset(model.state_dict(), [EXTRACTOR_PREFIX]), env.workdir / "extractor.pt")
+    and kept in the client's store (with the extractor) for the later stages."""
+    latents = {name: _latents_of(env, model.extractor, data.images).cpu() for name, data in (("train", split.train), ("test", split.test))}
+    env.store.save_latents(latents["train"], latents["test"])
+    env.store.save_extractor(model.extractor.state_dict())
     return latents
 
 
@@ -322,14 +252,14 @@ def train_expert(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    _load_partial(model, msg, context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
-    latents = _cache_latents(env, split, model)
-    head = {k.removeprefix(HEAD_PREFIX): v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)}
+    latents = _freeze_extractor(env, split, model)
+    head = strip_prefix(model.state_dict(), HEAD_PREFIX)
 
     def make_expert() -> nn.Module:
-        expert = stages.new_expert(cfg, split.train.num_classes, env.seed("expert-init"))
+        expert = experts.new_expert(split.train.num_classes, cfg.mlp_hidden, env.seed("expert-init"))
         if cfg.expert_from_head:
             expert.load_state_dict(head)
         return expert
@@ -337,13 +267,12 @@ def train_expert(msg: Message, context: Context) -> Message:
     expert = rt.prepare(make_expert())
     y_train, y_test = split.train.labels.to(rt.device), split.test.labels.to(rt.device)
     h_train = latents["train"].to(rt.device)
-    stats = stages.train_expert(expert, h_train, y_train, cfg, rt, env.seed("expert"))
+    stats = experts.train_expert(expert, h_train, y_train, cfg, rt, env.seed("expert"))
     if cfg.gate_oof_folds > 1:
-        oof = stages.out_of_fold_probs(make_expert, h_train, y_train, cfg, rt, env.seed("expert-oof"))
-        torch.save({"probs": oof.cpu()}, env.workdir / "own-oof.pt")
+        env.store.save_own_oof(experts.out_of_fold_probs(make_expert, h_train, y_train, cfg, rt, env.seed("expert-oof")))
     expert.eval()
     own = evaluate(expert, latents["test"].to(rt.device), y_test, split.test.num_classes, cfg.batch_size * 4, rt)
-    metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{f"expert-{k}": v for k, v in own.items()}}
+    metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{EXPERT_METRIC_PREFIX + k: v for k, v in own.items()}}
     return _reply(msg, metrics, to_record(expert.state_dict()))
 
 
@@ -353,18 +282,15 @@ def cache_latents(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    model.load_state_dict({**model.state_dict(), **from_record(msg.content[ARRAYS])})
-    latents = _cache_latents(env, split, env.runtime.prepare(model))
+    load_partial(model, msg.content[ARRAYS])
+    latents = _freeze_extractor(env, split, env.runtime.prepare(model))
     return _reply(msg, {PARTITION_ID: env.partition_id, NUM_TRAIN: latents["train"].shape[0]})
 
 
 def _global_moe(env: ClientEnv, msg: Message, num_classes: int) -> nn.Module:
-    model = stages.new_global_moe(env.cfg, num_classes, derive_seed(env.cfg.seed, "moe-init"))
-    received = from_record(msg.content[ARRAYS])
-    unknown = set(received) - set(model.state_dict())
-    if unknown:
-        raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
-    model.load_state_dict({**model.state_dict(), **received})
+    cfg = env.cfg
+    model = global_moe.new_global_moe(cfg.mlp_hidden, num_classes, cfg.num_experts, derive_seed(cfg.seed, "moe-init"))
+    load_partial(model, msg.content[ARRAYS])
     return env.runtime.prepare(model)
 
 
@@ -376,22 +302,21 @@ def train_moe(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     rt = env.runtime
-    latents = torch.load(env.workdir / "latents.pt", weights_only=True)["train"].to(rt.device)
     config = msg.content[CONFIG]
     assigned = [int(j) for j in config[ASSIGNED_EXPERTS]]
     model = _global_moe(env, msg, split.train.num_classes)
-    out = stages.train_moe_round(
-        model, assigned, latents, split.train.labels.to(rt.device), env.cfg, rt, env.seed("moe", int(config[SERVER_ROUND]))
+    out = global_moe.train_moe_round(
+        model, assigned, env.store.latents("train").to(rt.device), split.train.labels.to(rt.device), env.cfg, rt,
+        env.seed("moe", int(config[SERVER_ROUND])),
     )
-    state = model.state_dict()
-    keep = ("gate.", *(f"experts.{j}." for j in assigned))
+    trained = state_subset(model.state_dict(), [MOE_GATE_PREFIX, *(moe_expert_prefix(j) for j in assigned)])
     metrics = {
-        **_fit_metrics(out["stats"]),
-        EXPERT_ROUTED: [float(out["routed"][j]) for j in assigned],
-        EXPERT_IMPROVEMENT: [float(out["improvement"][j]) for j in assigned],
-        ROUTING_SHARE: [float(v) for v in out["routing-share"]],
+        **_fit_metrics(out.stats),
+        EXPERT_ROUTED: [float(out.routed[j]) for j in assigned],
+        EXPERT_IMPROVEMENT: [float(out.improvement[j]) for j in assigned],
+        ROUTING_SHARE: [float(v) for v in out.routing_share],
     }
-    return _reply(msg, metrics, to_record({k: v for k, v in state.items() if k.startswith(keep)}))
+    return _reply(msg, metrics, to_record(trained))
 
 
 @app.evaluate(_name(MSG_EVAL_MOE))
@@ -400,9 +325,10 @@ def evaluate_moe(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     rt = env.runtime
-    latents = torch.load(env.workdir / "latents.pt", weights_only=True)["test"].to(rt.device)
     model = _global_moe(env, msg, split.test.num_classes)
-    metrics = stages.moe_metrics(model, latents, split.test.labels.to(rt.device), split.test.num_classes, env.cfg.top_k)
+    metrics = global_moe.moe_metrics(
+        model, env.store.latents("test").to(rt.device), split.test.labels.to(rt.device), split.test.num_classes, env.cfg.top_k
+    )
     return _reply(msg, {NUM_EXAMPLES: len(split.test), **metrics})
 
 
@@ -411,22 +337,25 @@ def store_expert_bank(msg: Message, context: Context) -> Message:
     """Stage 3 set-up: keep the frozen expert bank on local disk."""
     env = ClientEnv.of(context)
     bank = bank_from_record(msg.content[EXPERT_BANK])
-    torch.save(bank, env.workdir / "bank.pt")
+    env.store.save_bank(bank)
     return _reply(msg, {PARTITION_ID: env.partition_id, NUM_EXPERTS: len(bank)})
 
 
-def _gate_inputs(env: ClientEnv, split_name: str) -> tuple[torch.Tensor, list[nn.Module], int]:
-    """Cached latents of one split, the frozen experts, and the class count."""
-    rt = env.runtime
-    latents = torch.load(env.workdir / "latents.pt", weights_only=True)[split_name].to(rt.device)
-    bank = torch.load(env.workdir / "bank.pt", weights_only=True)
-    num_classes = next(iter(bank.values()))["net.6.weight"].shape[0]
-    experts = []
-    for state in bank.values():
-        expert = MLP(latents.shape[1], env.cfg.mlp_hidden, num_classes)
+def _frozen_bank(env: ClientEnv, num_classes: int) -> list[nn.Module]:
+    """Every client's frozen expert, in expert-id order, on the training device."""
+    bank = []
+    for state in env.store.bank().values():
+        expert = MLP(ResNet20.out_dim, env.cfg.mlp_hidden, num_classes)
         expert.load_state_dict(state)
-        experts.append(rt.prepare(expert).eval().requires_grad_(False))
-    return latents, experts, num_classes
+        bank.append(env.runtime.prepare(expert).eval().requires_grad_(False))
+    return bank
+
+
+def _gate(env: ClientEnv, msg: Message, context: Context) -> nn.Module:
+    """This client's gate: the server's shared layers over its own local ones."""
+    g = gate.new_gate(env.cfg.mlp_hidden, env.cfg.num_clients, derive_seed(env.cfg.seed, "gate-init"))
+    load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE)
+    return env.runtime.prepare(g)
 
 
 @app.train(_name(MSG_GATE))
@@ -435,57 +364,52 @@ def train_gate(msg: Message, context: Context) -> Message:
     the entries under ``shared-prefixes`` go back to the server."""
     env = ClientEnv.of(context)
     split = env.splits()
+    rt = env.runtime
     config = msg.content[CONFIG]
     rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
-    latents, experts, _ = _gate_inputs(env, "train")
-    gate = stages.new_gate(env.cfg, derive_seed(env.cfg.seed, "gate-init"))
-    _load_partial(gate, msg, context, LOCAL_GATE)
-    gate = env.runtime.prepare(gate)
-    labels = split.train.labels.to(env.runtime.device)
-    probs = stages.bank_probs(experts, latents)
-    oof_path = env.workdir / "own-oof.pt"
-    if env.cfg.gate_oof_folds > 1 and oof_path.exists():
-        probs[:, env.partition_id] = torch.load(oof_path, weights_only=True)["probs"].to(probs.device)
-    stats = stages.train_gate(
-        gate, latents, labels, probs, env.cfg, env.runtime,
+    latents = env.store.latents("train").to(rt.device)
+    probs = gate.bank_probs(_frozen_bank(env, split.train.num_classes), latents)
+    own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 else None
+    if own_oof is not None:
+        probs[:, env.partition_id] = own_oof.to(probs.device)
+    g = _gate(env, msg, context)
+    stats = gate.train_gate(
+        g, latents, split.train.labels.to(rt.device), probs, env.cfg, rt,
         server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
     )
-    return _reply(msg, _fit_metrics(stats), _split_partial(gate, _prefixes(msg), context, LOCAL_GATE))
+    return _reply(msg, _fit_metrics(stats), split_partial(g, _prefixes(msg), context, LOCAL_GATE))
 
 
 @app.evaluate(_name(MSG_EVAL_NMOE))
 def evaluate_nmoe(msg: Message, context: Context) -> Message:
     """NMoE prediction on this client's test set: its gate picks the top-k of
-    all clients' experts; reports accuracy, macro-F1, share routed away."""
+    all clients' experts; reports accuracy, macro-F1, share routed away.
+    Also writes this client's inference checkpoint."""
     env = ClientEnv.of(context)
     split = env.splits()
-    latents, experts, num_classes = _gate_inputs(env, "test")
-    gate = stages.new_gate(env.cfg, derive_seed(env.cfg.seed, "gate-init"))
-    _load_partial(gate, msg, context, LOCAL_GATE)
-    gate = env.runtime.prepare(gate)
-    metrics = stages.nmoe_metrics(
-        gate, experts, latents, split.test.labels.to(env.runtime.device), env.partition_id, num_classes, env.cfg.top_k
+    num_classes = split.test.num_classes
+    bank = _frozen_bank(env, num_classes)
+    g = _gate(env, msg, context)
+    metrics = nmoe_metrics(
+        g, bank, env.store.latents("test").to(env.runtime.device), split.test.labels.to(env.runtime.device),
+        env.partition_id, num_classes, env.cfg.top_k,
     )
-    _write_checkpoint(env, gate, experts[env.partition_id], split, num_classes)
+    _write_checkpoint(env, g, bank[env.partition_id], split)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 
-def _write_checkpoint(env: ClientEnv, gate: nn.Module, expert: nn.Module, split: ClientSplits, num_classes: int) -> None:
+def _write_checkpoint(env: ClientEnv, g: nn.Module, expert: nn.Module, split: ClientSplits) -> None:
     """What this device needs for serverless inference (nmoe serve-expert / nmoe infer)."""
-    extractor = torch.load(env.workdir / "extractor.pt", weights_only=True)
-    folder = client_checkpoint_dir(env.workdir.parents[1], env.partition_id)
+    stats = env.pixel_stats(split)
     write_checkpoint(
-        folder,
-        {
-            "extractor": {k.removeprefix(EXTRACTOR_PREFIX): v for k, v in extractor.items()},
-            "gate": gate.state_dict(),
-            "expert": expert.state_dict(),
-        },
+        env.store.checkpoint_dir,
+        {"extractor": env.store.extractor(), "gate": g.state_dict(), "expert": expert.state_dict()},
         {
             "partition-id": env.partition_id, "num-experts": env.cfg.num_clients,
-            "in-channels": int(split.train.images.shape[1]), "num-classes": num_classes,
+            "in-channels": stats.channels, "num-classes": split.test.num_classes,
+            "pixel-mean": list(stats.mean), "pixel-std": list(stats.std),
             "latent-dim": ResNet20.out_dim, "mlp-hidden": env.cfg.mlp_hidden, "top-k": env.cfg.top_k,
-            "dataset": env.cfg.dataset, "run": env.workdir.parents[1].name,
+            "dataset": env.cfg.dataset, "run": env.store.folder.parents[1].name,
         },
     )
 
@@ -496,13 +420,11 @@ def train_local_classifier(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     t0 = time.perf_counter()
-    model = stages.new_classifier(env.cfg, split.train.images.shape[1], split.train.num_classes, env.seed("local-init"))
-    model = env.runtime.prepare(model)
-    stages.train_classifier(
-        model, stages.DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
+    model = env.runtime.prepare(_classifier(env, split, "local-init", shared_seed=False))
+    fedce.train_classifier(
+        model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
         epochs=env.cfg.local_epochs, lr=env.cfg.lr, seed=env.seed("local"), lr_schedule=True,
     )
-    test = stages.DeviceData.of(split.test, env.runtime)
-    metrics = stages.classifier_metrics(model, test, split.test.num_classes, env.cfg, env.runtime)
+    test = DeviceData.of(split.test, env.runtime)
+    metrics = fedce.classifier_metrics(model, test, split.test.num_classes, env.cfg.batch_size * 4, env.runtime)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, SECONDS: time.perf_counter() - t0, **metrics})
-

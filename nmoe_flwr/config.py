@@ -16,6 +16,12 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .data.registry import DATASETS
+
+FE_METHODS = ("fedce", "fedsc")
+"""Stage-1 methods (``fe-method``); the server's registry is
+:data:`nmoe_flwr.pipelines.extractor.EXTRACTOR_METHODS`."""
+
 
 class ConfigError(ValueError):
     """A run-config key, type or value is not allowed (message says which)."""
@@ -40,7 +46,7 @@ class RunConfig(BaseModel):
     pipeline: Literal["nmoe", "alignment"] = "nmoe"  # alignment: global MoE with expert assignment
 
     # Data and partitioning (NMoE paper, Sec. IV-A)
-    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
+    dataset: Literal[tuple(DATASETS)] = "fashion-mnist"  # the data-set registry, nmoe_flwr/data/registry.py
     data_dir: str = ""  # "" -> $NMOE_DATA_DIR, else the dataset's default folder
     hf_dataset: str = ""  # Hugging Face data set id; needs the [hf] extra + internet
     num_clients: int = Field(10, ge=2, le=1000)
@@ -62,7 +68,7 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(3600.0, gt=0)
 
     # Stage 1: feature extractor
-    fe_method: Literal["fedce", "fedsc"] = "fedce"
+    fe_method: Literal[FE_METHODS] = "fedce"
     fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per FedSC round
     knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe of the extractor
     fedce_rounds: int = Field(30, ge=1)
@@ -121,7 +127,7 @@ class RunConfig(BaseModel):
     usage_weight: float = Field(1.0, ge=0)
     load_cap_slack: float = Field(1.0, ge=1)
     target_accuracy: float = Field(0.7, gt=0, le=1)
-    extractor_checkpoint: str = ""  # extractor state (.pt) to reuse instead of training stage 1
+    extractor_checkpoint: str = ""  # <run>/extractor.pt of an earlier run, reused instead of training stage 1
 
     # Baselines
     local_baseline: bool = True
@@ -142,6 +148,8 @@ class RunConfig(BaseModel):
             raise ValueError("round-timeout must be finite")
         if self.fe_method == "fedsc" and self.expert_init == "head":
             raise ValueError("expert-init = 'head' needs fe-method = 'fedce' (FedSC trains no head); use 'auto' or 'scratch'")
+        if self.extractor_checkpoint and self.expert_init == "head":
+            raise ValueError("expert-init = 'head' cannot be used with extractor-checkpoint (a saved extractor has no head); use 'auto' or 'scratch'")
         if self.pipeline == "alignment":
             from .capacity import parse_tiers
 
@@ -156,7 +164,8 @@ class RunConfig(BaseModel):
     @property
     def expert_from_head(self) -> bool:
         """Whether stage 2 fine-tunes the FedCE head (else experts start from scratch)."""
-        return self.expert_init == "head" or (self.expert_init == "auto" and self.fe_method == "fedce")
+        trained_head = self.fe_method == "fedce" and not self.extractor_checkpoint
+        return self.expert_init == "head" or (self.expert_init == "auto" and trained_head)
 
     @property
     def train_k(self) -> int:

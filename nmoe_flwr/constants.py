@@ -1,8 +1,9 @@
 """Wire keys shared by the ServerApp, the ClientApp and the strategies.
 
 Everything that crosses a Flower message (record names, config keys, metric
-names, message types) is named here once, so that a renamed key cannot leave
-one side of the protocol behind.
+names, message types) and every parameter-name prefix that decides what is
+aggregated is named here once, so that a renamed key cannot leave one side of
+the protocol behind. Plain strings only: importable everywhere, Flower or not.
 """
 
 # --- Record names inside a RecordDict ---------------------------------------
@@ -57,6 +58,9 @@ EXPERT_ROUTED = "expert-routed"  # alignment: samples routed to each assigned ex
 EXPERT_IMPROVEMENT = "expert-improvement"  # alignment: relative loss improvement per assigned expert
 ROUTING_SHARE = "routing-share"  # alignment: share of samples the full router sends to each expert
 SECONDS = "seconds"  # wall time of the client's work for this message
+EXPERT_METRIC_PREFIX = "expert-"  # stage 2: "expert-accuracy", ... of the expert on its own test set
+BYTES = "bytes"  # alignment: bytes sent down and up in a round (aggregated metric)
+SIM_SECONDS = "sim-seconds"  # alignment: simulated wall time of a round (aggregated metric)
 
 # --- node_config keys (deployment: --node-config "partition-id=0 ...") ------
 NODE_PARTITION_ID = "partition-id"
@@ -65,7 +69,16 @@ NODE_DATA_DIR = "data-dir"  # optional: this node's data folder (overrides the r
 NODE_OUTPUT_DIR = "output-dir"  # optional: this node's output/work folder
 
 # --- Parameter-name prefixes: they decide what is aggregated ---------------
-EXTRACTOR_PREFIX = "extractor."
-HEAD_PREFIX = "head."
-GATE_SHARED_PREFIX = "shared."
-GATE_DECISION_PREFIX = "decision."
+EXTRACTOR_PREFIX = "extractor."  # Classifier / SSLModel: the shared extractor F
+HEAD_PREFIX = "head."  # Classifier: the FedCE head H
+PROJECTOR_PREFIX = "projector."  # SSLModel: FedSC's projector
+GATE_SHARED_PREFIX = "shared."  # Gate: shallow layers (FedGate averages these)
+GATE_DECISION_PREFIX = "decision."  # Gate: decision layer (FedGate keeps it local)
+MOE_GATE_PREFIX = "gate."  # GlobalMoE: the gate (averaged over all clients)
+MOE_EXPERTS_PREFIX = "experts."  # GlobalMoE: "experts.<j>." is expert j
+BANK_KEY_SEPARATOR = "/"  # expert-bank ArrayRecord keys: "<expert id>/<parameter>"
+
+
+def moe_expert_prefix(j: int) -> str:
+    """Parameter-name prefix of expert ``j`` in the global MoE (``"experts.<j>."``)."""
+    return f"{MOE_EXPERTS_PREFIX}{j}."

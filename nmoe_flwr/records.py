@@ -1,12 +1,15 @@
-"""The one place that turns torch state dicts into Flower records and back."""
+"""The one place that turns torch state dicts into Flower records and back,
+and picks the entries of a state dict by parameter-name prefix."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
+
+from .constants import BANK_KEY_SEPARATOR
 
 
 def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
@@ -29,13 +32,28 @@ def from_record(record: ArrayRecord) -> dict[str, Tensor]:
 def bank_to_record(bank: Mapping[int, Mapping[str, Tensor]]) -> ArrayRecord:
     """Flatten ``{expert id: expert state}`` into one ArrayRecord
     (keys ``"<id>/<param>"``)."""
-    return to_record({f"{i}/{k}": v for i, state in bank.items() for k, v in state.items()})
+    return to_record({f"{i}{BANK_KEY_SEPARATOR}{k}": v for i, state in bank.items() for k, v in state.items()})
 
 
 def bank_from_record(record: ArrayRecord) -> dict[int, dict[str, Tensor]]:
     """Inverse of :func:`bank_to_record`, ordered by expert id."""
     bank: dict[int, dict[str, Tensor]] = {}
     for key, value in from_record(record).items():
-        i, name = key.split("/", 1)
+        i, name = key.split(BANK_KEY_SEPARATOR, 1)
         bank.setdefault(int(i), {})[name] = value
     return dict(sorted(bank.items()))
+
+
+def state_subset(state: Mapping[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
+    """Entries of a state dict whose names start with one of ``prefixes``."""
+    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under ``prefix``, with the prefix removed (a sub-module's own state dict)."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def add_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Every entry renamed ``prefix + name`` (inverse of :func:`strip_prefix`)."""
+    return {prefix + k: v for k, v in state.items()}

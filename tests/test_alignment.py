@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmoe_flwr.alignment import (
+from nmoe_flwr.algorithms.alignment import (
     AlignmentScores,
     assign,
     load_cap,

@@ -19,10 +19,15 @@ from nmoe_flwr.constants import (
     SHARED_PREFIXES,
 )
 from nmoe_flwr.records import bank_to_record, from_record, to_record
-from nmoe_flwr.seeding import derive_seed
-from nmoe_flwr.stages import new_classifier, new_gate, new_ssl_model
+from nmoe_flwr.algorithms.seeding import derive_seed
+from nmoe_flwr.algorithms.fedce import new_classifier
+from nmoe_flwr.algorithms.fedsc import new_ssl_model
+from nmoe_flwr.algorithms.gate import new_gate
+from nmoe_flwr.data import dataset_spec
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+
+FMNIST_STATS = dataset_spec("fashion-mnist").pixel_stats
 
 
 def _write_idx(folder, split, n, rng):
@@ -71,7 +76,7 @@ def test_node_config_data_and_output_dirs_override_the_run_config(run_config, tm
         "partition-id": 0, "num-partitions": 2, "data-dir": run_config["data-dir"], "output-dir": str(tmp_path / "node0"),
     }))
     assert env.cfg.output_dir == str(tmp_path / "node0")
-    assert env.workdir == tmp_path / "node0" / "unit" / "clients" / "0"
+    assert env.store.folder == tmp_path / "node0" / "unit" / "clients" / "0"
     assert len(env.splits().train) == 40
 
 
@@ -86,7 +91,7 @@ def test_client_stages_in_process(run_config):
     assert (info["partition-id"], info["num-train"], info["num-test"], info["in-channels"]) == (1, 40, 20, 1)
 
     cfg = parse_run_config(run_config)
-    init = new_classifier(cfg, 1, 10, derive_seed(cfg.seed, "fedce-init")).state_dict()
+    init = new_classifier(FMNIST_STATS, 10, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init")).state_dict()
     shared = {k: v for k, v in init.items() if k.startswith("extractor.")}
     config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 2, SHARED_PREFIXES: ["extractor."]})
     reply = client_app.train_fedce(_msg(RecordDict({ARRAYS: to_record(shared), CONFIG: config}), "train.fedce"), ctx)
@@ -99,7 +104,7 @@ def test_client_stages_in_process(run_config):
     expert = from_record(reply.content[ARRAYS])
     client_app.store_expert_bank(_msg(RecordDict({EXPERT_BANK: bank_to_record({0: expert, 1: expert})}), "query.expert_bank"), ctx)
 
-    gate_shared = {k: v for k, v in new_gate(cfg, 0).state_dict().items() if k.startswith("shared.")}
+    gate_shared = {k: v for k, v in new_gate(cfg.mlp_hidden, cfg.num_clients, 0).state_dict().items() if k.startswith("shared.")}
     config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 1, SHARED_PREFIXES: ["shared."]})
     reply = client_app.train_gate(_msg(RecordDict({ARRAYS: to_record(gate_shared), CONFIG: config}), "train.gate"), ctx)
     assert set(from_record(reply.content[ARRAYS])) == set(gate_shared)
@@ -115,7 +120,7 @@ def test_correlation_handler_adds_noise_of_the_expected_std(run_config):
     run_config = {**run_config, "fe-method": "fedsc", "fedsc-proj-dim": 64, "fedsc-mu": 4.0}
     ctx = _context(run_config, {"partition-id": 0, "num-partitions": 2})
     cfg = parse_run_config(run_config)
-    init = to_record(new_ssl_model(cfg, 1, 0).state_dict())
+    init = to_record(new_ssl_model(FMNIST_STATS, cfg.fedsc_proj_dim, 0).state_dict())
 
     def matrix(noise_multiplier):
         config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 1, "noise-multiplier": noise_multiplier})

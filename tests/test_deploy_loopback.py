@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import processes_mentioning
 
-from nmoe_flwr.deploy_loopback import deploy
+from nmoe_flwr.cli.deploy_loopback import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

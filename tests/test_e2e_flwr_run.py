@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import processes_mentioning
 
-from nmoe_flwr.launcher import launch
+from nmoe_flwr.cli.run import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke
         addresses = {}
         for pid in (1, 2, 3):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nmoe_flwr.inference.cli", "serve-expert", "--checkpoint", str(ckpts / f"client-{pid}")],
+                [sys.executable, "-m", "nmoe_flwr.cli.inference", "serve-expert", "--checkpoint", str(ckpts / f"client-{pid}")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             procs.append(proc)
@@ -128,7 +128,7 @@ def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke
 
         def infer(out):
             subprocess.run(
-                [sys.executable, "-m", "nmoe_flwr.inference.cli", "infer", "--checkpoint", str(ckpts / "client-0"),
+                [sys.executable, "-m", "nmoe_flwr.cli.inference", "infer", "--checkpoint", str(ckpts / "client-0"),
                  "--neighbours", table, "--json", str(out), "--timeout", "5"],
                 check=True, capture_output=True, timeout=120,
             )

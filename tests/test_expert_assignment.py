@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from nmoe_flwr.alignment import AlignmentScores
+from nmoe_flwr.algorithms.alignment import AlignmentScores
 from nmoe_flwr.capacity import CapacityProfile
 from nmoe_flwr.strategies import ExpertAssignment, aggregate_experts
 from nmoe_flwr.strategies.expert_assignment import record_bytes

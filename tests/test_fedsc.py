@@ -16,8 +16,8 @@ from nmoe_flwr.constants import (
     R_EXT_KEY,
 )
 from nmoe_flwr.data.augment import two_views
-from nmoe_flwr.privacy import GaussianMechanism, correlation_sensitivity, privatize
-from nmoe_flwr.ssl import alpha_at, clip_norm, correlation, spectral_loss
+from nmoe_flwr.algorithms.privacy import GaussianMechanism, correlation_sensitivity, privatize
+from nmoe_flwr.algorithms.fedsc import alpha_at, clip_norm, correlation, spectral_loss
 from nmoe_flwr.strategies import CorrelationEntry, FedSC, external_correlation
 
 

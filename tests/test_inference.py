@@ -12,11 +12,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nmoe_flwr.data.registry import PixelStats
 from nmoe_flwr.inference.checkpoint import load_checkpoint, write_checkpoint
 from nmoe_flwr.inference.router import GrpcTransport, InProcessTransport, Router
 from nmoe_flwr.inference.server import PREDICT
 from nmoe_flwr.inference.wire import WireError, decode, encode
-from nmoe_flwr.models import MLP, Gate, ResNet20, nmoe_combine, route
+from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20, nmoe_combine, route
 
 TOKEN = "s3cret-deployment-token"
 N = 4  # experts / devices
@@ -44,7 +45,7 @@ def test_wire_round_trip_and_rejections():
 
 def _models(seed):
     torch.manual_seed(seed)
-    return ResNet20(1), Gate(64, 16, N), MLP(64, 16, 10)
+    return ResNet20(PixelStats.neutral(1)), Gate(64, 16, N), MLP(64, 16, 10)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def checkpoints(tmp_path_factory):
         folders.append(write_checkpoint(
             root / f"client-{pid}",
             {"extractor": extractor.state_dict(), "gate": gate.state_dict(), "expert": expert.state_dict()},
-            {"partition-id": pid, "num-experts": N, "in-channels": 1, "num-classes": 10, "latent-dim": 64,
+            {"partition-id": pid, "num-experts": N, "in-channels": 1, "pixel-mean": [0.5], "pixel-std": [0.25], "num-classes": 10, "latent-dim": 64,
              "mlp-hidden": 16, "top-k": 1},
         ))
     return folders
@@ -64,7 +65,7 @@ def checkpoints(tmp_path_factory):
 
 def _start(args, procs):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nmoe_flwr.inference.cli", "serve-expert", *map(str, args)],
+        [sys.executable, "-m", "nmoe_flwr.cli.inference", "serve-expert", *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     procs.append(proc)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.models import (
+from nmoe_flwr.data.registry import PixelStats
+from nmoe_flwr.algorithms.models import (
     MLP,
     CentralizedMoE,
     Classifier,
@@ -21,7 +22,7 @@ from nmoe_flwr.models import (
 
 @pytest.mark.parametrize(("channels", "size", "params"), [(3, 32, 269_072), (1, 28, 268_784)])
 def test_resnet20_shape_and_parameter_count(channels, size, params):
-    model = ResNet20(channels)
+    model = ResNet20(PixelStats.neutral(channels))
     # The CIFAR ResNet20 of He et al. has 0.27 M parameters (with its 650-parameter fc layer).
     assert num_parameters(model) == params
     assert abs(params + 650 - 270_000) / 270_000 < 0.01
@@ -37,7 +38,7 @@ def test_mlp_has_four_linear_layers():
 
 
 def test_classifier_and_gate_key_prefixes():
-    keys = Classifier(1, 10, 32).state_dict().keys()
+    keys = Classifier(PixelStats.neutral(1), 10, 32).state_dict().keys()
     assert {k.split(".")[0] for k in keys} == {"extractor", "head"}
     gate_keys = set(Gate(64, 32, 5).state_dict())
     assert {k for k in gate_keys if k.startswith("decision.")} == {"decision.weight", "decision.bias"}
@@ -46,8 +47,8 @@ def test_classifier_and_gate_key_prefixes():
 
 
 def test_normalisation_constants_do_not_travel():
-    assert not {"mean", "std"} & set(ResNet20(3).state_dict())
-    assert {"mean", "std"} <= {name for name, _ in ResNet20(3).named_buffers()}
+    assert not {"mean", "std"} & set(ResNet20(PixelStats.neutral(3)).state_dict())
+    assert {"mean", "std"} <= {name for name, _ in ResNet20(PixelStats.neutral(3)).named_buffers()}
 
 
 def test_route_top_k_by_hand():
@@ -101,7 +102,7 @@ def test_nmoe_combine_runs_only_picked_experts_and_matches_dense():
 
 
 def test_centralized_moe_train_and_eval_outputs_are_distributions():
-    model = CentralizedMoE(1, 10, 3, 16)
+    model = CentralizedMoE(PixelStats.neutral(1), 10, 3, 16)
     x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     out = model(x, k=2, noise_std=1.0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (5, 10) and torch.allclose(out.sum(1), torch.ones(5))

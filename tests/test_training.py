@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nmoe_flwr.data.augment import random_crop_flip
-from nmoe_flwr.models import MLP, Gate
+from nmoe_flwr.algorithms.models import MLP, Gate
 from nmoe_flwr.records import bank_from_record, bank_to_record, from_record, to_record
-from nmoe_flwr.training import (
+from nmoe_flwr.algorithms.training import (
     Runtime,
     ce_loss,
     classification_metrics,

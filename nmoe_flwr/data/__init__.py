@@ -1,106 +1,62 @@
-"""Data sets and federated client splits for nmoe_flwr."""
+"""Data sets and federated client splits for nmoe_flwr.
 
-from __future__ import annotations
+What lives here
+---------------
+``registry``
+    :class:`DatasetSpec` and :data:`DATASETS`, the one place that describes
+    each local data set (sizes, pixel statistics, folder, hint, file layout);
+    :func:`pixel_stats_for`.
+``formats``
+    Readers of the on-disk formats (IDX, CIFAR-10 pickle batches), which
+    know no data-set names.
+``images``
+    :class:`ImageSet` (uint8 images and int64 labels in memory),
+    :class:`DataError`, :func:`subset`.
+``sources``
+    Loading one split: :func:`resolve_data_dir`, :func:`load_split`,
+    :func:`load_split_cached`, :func:`load_hf_split`, driven by the registry.
+``partition``
+    The non-IID(tau) client partitions: :func:`class_counts`,
+    :func:`partition_indices`.
+``federated``
+    From the run config to every client's data: :class:`ClientSplits`,
+    :func:`make_client_splits`, :func:`load_dataset`,
+    :func:`all_client_splits`, and the disk-cached ``client_splits``.
+``augment``
+    Batched augmentations on the training device (import
+    ``nmoe_flwr.data.augment`` directly).
 
-from dataclasses import dataclass
+Dependencies
+------------
+Any module of nmoe_flwr may import this package.  This package imports only
+the standard library, numpy and torch, plus the optional ``flwr_datasets``
+lazily inside :func:`load_hf_split`; never flwr or grpc, so loading data needs
+no Flower runtime.
+"""
 
-import numpy as np
-import torch
-
+from .federated import ClientSplits, all_client_splits, load_dataset, make_client_splits
+from .images import DataError, ImageSet, subset
 from .partition import class_counts, partition_indices
-from .sources import (
-    DataError,
-    ImageSet,
-    load_hf_split,
-    load_split,
-    load_split_cached,
-    resolve_data_dir,
-)
+from .registry import DATASETS, DatasetSpec, PixelStats, dataset_spec, pixel_stats_for
+from .sources import load_hf_split, load_split, load_split_cached, resolve_data_dir
 
 __all__ = [
+    "DATASETS",
     "ClientSplits",
     "DataError",
+    "DatasetSpec",
     "ImageSet",
+    "PixelStats",
+    "all_client_splits",
     "class_counts",
+    "dataset_spec",
+    "load_dataset",
     "load_hf_split",
     "load_split",
     "load_split_cached",
     "make_client_splits",
     "partition_indices",
+    "pixel_stats_for",
     "resolve_data_dir",
     "subset",
 ]
-
-TEST_DISTRIBUTIONS = ("same", "iid")
-
-
-def subset(data: ImageSet, idx: np.ndarray) -> ImageSet:
-    """Return the samples of ``data`` at positions ``idx`` (a copy), in that order."""
-    index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-    return ImageSet(data.images[index], data.labels[index], data.num_classes)
-
-
-@dataclass(frozen=True)
-class ClientSplits:
-    """One client's local training and test data."""
-
-    train: ImageSet
-    test: ImageSet
-    unlabeled: ImageSet | None = None  # extra samples only self-supervised training sees
-
-
-def make_client_splits(
-    train: ImageSet,
-    test: ImageSet,
-    *,
-    num_clients: int,
-    train_per_client: int,
-    test_per_client: int,
-    partition: str,
-    tau: float,
-    test_distribution: str,
-    seed: int,
-    unlabeled_per_client: int = 0,
-) -> list[ClientSplits]:
-    """Build every client's train/test data.
-
-    Training data follow ``partition`` (``"iid"`` or ``"dominant"``) with
-    ``tau`` and ``seed``.  Test data follow the same scheme when
-    ``test_distribution == "same"`` (each client is tested on its own
-    distribution) or ``"iid"`` when ``test_distribution == "iid"``, drawn with
-    ``seed + 1`` so the random stream differs from the training one.
-    ``unlabeled_per_client`` extra training samples per client (same scheme,
-    ``seed + 2``) come from the training samples left over by the labelled
-    partition; they carry labels in memory but only self-supervised stages
-    may use them.  Clients'
-    sets are pairwise disjoint within each split.
-
-    Raises
-    ------
-    ValueError
-        Unknown ``test_distribution``, or any error of ``partition_indices``.
-    """
-    if test_distribution not in TEST_DISTRIBUTIONS:
-        raise ValueError(
-            f"unknown test_distribution {test_distribution!r}; allowed: {list(TEST_DISTRIBUTIONS)}"
-        )
-    train_idx = partition_indices(
-        train.labels.numpy(), num_clients, train_per_client, partition, tau, seed
-    )
-    test_scheme = partition if test_distribution == "same" else "iid"
-    test_idx = partition_indices(
-        test.labels.numpy(), num_clients, test_per_client, test_scheme, tau, seed + 1
-    )
-    unlabeled: list[ImageSet | None] = [None] * num_clients
-    if unlabeled_per_client > 0:
-        # Drawn from the training samples no client got as labelled data, with the
-        # client's own class mix, so labelled, unlabelled and test sets are disjoint.
-        pool = np.setdiff1d(np.arange(len(train)), np.concatenate(train_idx))
-        pool_idx = partition_indices(
-            train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
-        )
-        unlabeled = [subset(train, pool[i]) for i in pool_idx]
-    return [
-        ClientSplits(subset(train, a), subset(test, b), u)
-        for a, b, u in zip(train_idx, test_idx, unlabeled)
-    ]

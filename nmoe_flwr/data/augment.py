@@ -90,9 +90,26 @@ def color_jitter_grayscale(
     p_jitter: float = 0.8,
     p_gray: float = 0.2,
 ) -> Tensor:
-    """SimCLR's colour distortion on float RGB batches in [0, 255]: brightness,
-    contrast and saturation jitter (each factor in ``[1 - s, 1 + s]``, applied
-    with probability ``p_jitter``), then grayscale with probability ``p_gray``."""
+    """SimCLR's colour distortion for a whole batch at once.
+
+    Brightness, contrast and saturation jitter (each factor in
+    ``[1 - strength, 1 + strength]``, applied with probability ``p_jitter``),
+    then grayscale with probability ``p_gray``; each sample draws its own.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(B, 3, H, W)`` float RGB images in [0, 255].
+    generator : torch.Generator
+        Seeded source of randomness on ``x.device``.
+    strength, p_jitter, p_gray : float
+        Jitter amplitude and the probabilities of jitter and grayscale.
+
+    Returns
+    -------
+    Tensor
+        ``(B, 3, H, W)`` float images clamped to [0, 255].
+    """
     b, dev = x.shape[0], x.device
     u = torch.rand(b, 5, device=dev, generator=generator)
     factors = 1 + strength * (2 * u[:, :3] - 1)  # (B, 3)
@@ -115,6 +132,18 @@ def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
 
     Crop + flip always; colour jitter and grayscale only for 3-channel
     input, where colour is information the views should not rely on.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(B, C, H, W)`` images, uint8 or float in [0, 255].
+    generator : torch.Generator
+        Seeded source of randomness on ``x.device``.
+
+    Returns
+    -------
+    tuple of Tensor
+        Two ``(B, C, H, W)`` float32 batches in [0, 255].
     """
     views = []
     for _ in range(2):

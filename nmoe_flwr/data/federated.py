@@ -1,26 +1,152 @@
-"""From the run config to one client's data, cached on the client's disk."""
+"""From the run config to every client's data, and one client's data cached on its disk.
+
+Every node computes the same partition from the same config and keeps its own
+part, so no index lists travel between server and clients.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from . import (
-    ClientSplits,
-    ImageSet,
-    load_hf_split,
-    load_split_cached,
-    make_client_splits,
-    resolve_data_dir,
-)
+from .images import ImageSet, subset
+from .partition import partition_indices
+from .sources import load_hf_split, load_split_cached, resolve_data_dir
+
+# How clients' test sets are drawn: like their training sets, or IID.
+TEST_DISTRIBUTIONS = ("same", "iid")
+
+
+@dataclass(frozen=True)
+class ClientSplits:
+    """One client's local training and test data.
+
+    Attributes
+    ----------
+    train : ImageSet
+        Labelled training samples.
+    test : ImageSet
+        Test samples, disjoint from every client's training samples.
+    unlabeled : ImageSet or None
+        Extra training samples that only self-supervised training may use
+        (their labels stay in memory but must not be read); ``None`` when the
+        run asks for none.
+    """
+
+    train: ImageSet
+    test: ImageSet
+    unlabeled: ImageSet | None = None
+
+
+def make_client_splits(
+    train: ImageSet,
+    test: ImageSet,
+    *,
+    num_clients: int,
+    train_per_client: int,
+    test_per_client: int,
+    partition: str,
+    tau: float,
+    test_distribution: str,
+    seed: int,
+    unlabeled_per_client: int = 0,
+) -> list[ClientSplits]:
+    """Build every client's train/test data.
+
+    Training data follow ``partition`` (``"iid"`` or ``"dominant"``) with
+    ``tau`` and ``seed``.  Test data follow the same scheme when
+    ``test_distribution == "same"`` (each client is tested on its own
+    distribution) or ``"iid"`` when ``test_distribution == "iid"``, drawn with
+    ``seed + 1`` so the random stream differs from the training one.
+    ``unlabeled_per_client`` extra training samples per client (same scheme,
+    ``seed + 2``) come from the training samples left over by the labelled
+    partition; they carry labels in memory but only self-supervised stages
+    may use them.
+
+    Parameters
+    ----------
+    train, test : ImageSet
+        The full training and test splits.
+    num_clients, train_per_client, test_per_client : int
+        Number of clients and samples each gets per split.
+    partition : {"iid", "dominant"}
+    tau : float
+        Non-dominant share, as for :func:`~nmoe_flwr.data.partition.class_counts`.
+    test_distribution : {"same", "iid"}
+    seed : int
+        Seed of the training partition; the same arguments always give the
+        same result.
+    unlabeled_per_client : int, optional
+        Extra unlabelled samples per client, 0 (default) for none.
+
+    Returns
+    -------
+    list of ClientSplits
+        One per client, in client order.  Clients' sets are pairwise disjoint
+        within each split, and each client's unlabelled samples are disjoint
+        from every client's labelled ones.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``test_distribution``, or any error of ``partition_indices``.
+    """
+    if test_distribution not in TEST_DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown test_distribution {test_distribution!r}; allowed: {list(TEST_DISTRIBUTIONS)}"
+        )
+    train_idx = partition_indices(
+        train.labels.numpy(), num_clients, train_per_client, partition, tau, seed
+    )
+    test_scheme = partition if test_distribution == "same" else "iid"
+    test_idx = partition_indices(
+        test.labels.numpy(), num_clients, test_per_client, test_scheme, tau, seed + 1
+    )
+    unlabeled: list[ImageSet | None] = [None] * num_clients
+    if unlabeled_per_client > 0:
+        # Drawn from the training samples no client got as labelled data, with the
+        # client's own class mix, so labelled, unlabelled and test sets are disjoint.
+        pool = np.setdiff1d(np.arange(len(train)), np.concatenate(train_idx))
+        pool_idx = partition_indices(
+            train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
+        )
+        unlabeled = [subset(train, pool[i]) for i in pool_idx]
+    return [
+        ClientSplits(subset(train, a), subset(test, b), u)
+        for a, b, u in zip(train_idx, test_idx, unlabeled)
+    ]
 
 
 def load_dataset(dataset: str, data_dir: str, hf_dataset: str, cache: Path | None) -> tuple[ImageSet, ImageSet]:
     """The full train and test splits named by the run config.
 
-    ``hf-dataset`` (a Hugging Face id, optional extra, needs internet) wins
-    over ``dataset``; local sources are decoded once into ``cache``.
+    Parameters
+    ----------
+    dataset : str
+        A local data set registered in ``DATASETS``.
+    data_dir : str
+        The run config's ``data-dir``; ``""`` falls back as in
+        :func:`~nmoe_flwr.data.sources.resolve_data_dir`.
+    hf_dataset : str
+        A Hugging Face id (optional extra, needs internet); when non-empty it
+        wins over ``dataset`` and ``data_dir``.
+    cache : Path or None
+        Folder for decoded local splits, reused by later calls; ``None``
+        decodes every time.
+
+    Returns
+    -------
+    tuple of ImageSet
+        The ``(train, test)`` splits.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``dataset``.
+    DataError
+        Missing or corrupt data, or a Hugging Face data set without the extra.
     """
     if hf_dataset:
         return load_hf_split(hf_dataset, "train"), load_hf_split(hf_dataset, "test")
@@ -34,8 +160,25 @@ def load_dataset(dataset: str, data_dir: str, hf_dataset: str, cache: Path | Non
 def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
     """Every client's train/test split for ``cfg`` (a :class:`~nmoe_flwr.config.RunConfig`).
 
-    A pure function of the config: every node computes the same partition
-    and keeps its own part, so no index lists travel.
+    A pure function of the config (and the data files): every node computes
+    the same partition and keeps its own part, so no index lists travel.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Read for the data set, its folder and the partition keys.
+    cache : Path or None
+        As for :func:`load_dataset`.
+
+    Returns
+    -------
+    list of ClientSplits
+        ``cfg.num_clients`` splits, as made by :func:`make_client_splits`.
+
+    Raises
+    ------
+    ValueError, DataError
+        As for :func:`load_dataset` and :func:`make_client_splits`.
     """
     train, test = load_dataset(cfg.dataset, cfg.data_dir, cfg.hf_dataset, cache)
     return make_client_splits(
@@ -45,29 +188,3 @@ def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
         test_distribution=cfg.test_distribution, seed=cfg.seed,
         unlabeled_per_client=cfg.unlabeled_per_client,
     )
-
-
-def client_splits(cfg, partition_id: int, workdir: Path, cache: Path | None) -> ClientSplits:
-    """One client's split, loaded from ``workdir/data.pt`` after the first call.
-
-    Decoding and partitioning the full data set costs about a second; the
-    client's own part is a few hundred kB, so later stages read that.
-    """
-    path = workdir / "data.pt"
-    if path.exists():
-        blob = torch.load(path, weights_only=True)
-        c = int(blob["num_classes"])
-        unlabeled = ImageSet(blob["unl_x"], blob["unl_y"], c) if "unl_x" in blob else None
-        return ClientSplits(ImageSet(blob["train_x"], blob["train_y"], c), ImageSet(blob["test_x"], blob["test_y"], c), unlabeled)
-    split = all_client_splits(cfg, cache)[partition_id]
-    blob = {
-        "train_x": split.train.images, "train_y": split.train.labels,
-        "test_x": split.test.images, "test_y": split.test.labels,
-        "num_classes": split.train.num_classes,
-    }
-    if split.unlabeled is not None:
-        blob |= {"unl_x": split.unlabeled.images, "unl_y": split.unlabeled.labels}
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return split

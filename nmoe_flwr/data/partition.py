@@ -65,7 +65,8 @@ def class_counts(scheme: str, tau: float, per_client: int, num_classes: int, cli
         return counts
 
     d = client % c
-    n_dom = min(int(round((1.0 - tau) * per_client)), per_client)
+    # float() first: round() of a numpy scalar tau may return a numpy float, not an int.
+    n_dom = min(round(float((1.0 - tau) * per_client)), per_client)
     n_rest = per_client - n_dom
     counts[:] = n_rest // (c - 1)
     counts[d] = n_dom

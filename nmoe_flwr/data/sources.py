@@ -1,88 +1,38 @@
-"""Loading the image data sets the NMoE experiments run on.
+"""Loading one split of a data set, from local files or from Hugging Face.
 
-Two local formats are supported without extra dependencies: Fashion-MNIST as
-IDX files (as installed by the Debian package ``dataset-fashion-mnist``) and
-CIFAR-10 as the official ``cifar-10-batches-py`` pickle folder.  Hugging Face
-data sets are an optional extra (``load_hf_split``).
+The local data sets are exactly those in
+:data:`~nmoe_flwr.data.registry.DATASETS`; everything specific to one of them
+(folders, file layout, decoding, hints) comes from its registry entry, so this
+module has no per-data-set code.  Hugging Face data sets are an optional extra
+(:func:`load_hf_split`).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
-import pickle
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATA_DIR_ENV = "NMOE_DATA_DIR"
-DEFAULT_DIRS = {
-    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
-    "cifar10": "data/cifar-10-batches-py",
-}
-SPLITS = ("train", "test")
+from .formats import SourceError
+from .images import DataError, ImageSet
+from .registry import DATA_DIR_ENV, SPLITS, DatasetSpec, dataset_spec
 
-_HINTS = {
-    "fashion-mnist": (
-        "install it with `apt-get install dataset-fashion-mnist` or set "
-        f"{DATA_DIR_ENV} / the run-config key data-dir to a folder with the IDX files"
-    ),
-    "cifar10": (
-        "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it "
-        f"and point data-dir / {DATA_DIR_ENV} at the cifar-10-batches-py folder"
-    ),
-}
-_NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10}
+__all__ = [
+    "DATA_DIR_ENV",
+    "SPLITS",
+    "load_hf_split",
+    "load_split",
+    "load_split_cached",
+    "resolve_data_dir",
+]
+
 # Bump when the cached array layout changes so stale caches are ignored.
 _CACHE_VERSION = 1
-
-
-class DataError(Exception):
-    """A data set is missing or unreadable; the message names the path and the fix."""
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """A labelled image set held in memory.
-
-    Attributes
-    ----------
-    images : torch.Tensor
-        ``uint8`` tensor of shape ``(N, C, H, W)``.
-    labels : torch.Tensor
-        ``int64`` tensor of shape ``(N,)`` with values in ``[0, num_classes)``.
-    num_classes : int
-        Number of classes of the data set (not only those present).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.ndim != 1:
-            raise ValueError(
-                f"labels must be int64 (N,), got {self.labels.dtype} {tuple(self.labels.shape)}"
-            )
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DEFAULT_DIRS:
-        raise ValueError(f"unknown dataset {dataset!r}; allowed: {sorted(DEFAULT_DIRS)}")
 
 
 def _check_split(split: str) -> None:
@@ -94,170 +44,71 @@ def resolve_data_dir(dataset: str, configured: str = "") -> Path:
     """Return the folder to read ``dataset`` from.
 
     Precedence: ``configured`` (the run-config key ``data-dir``) when non-empty,
-    then the environment variable ``NMOE_DATA_DIR``, then ``DEFAULT_DIRS[dataset]``.
-    The folder is not checked for existence here; ``load_split`` does that.
+    then the environment variable ``NMOE_DATA_DIR``, then the data set's
+    registered ``default_dir``.  The folder is not checked for existence here;
+    ``load_split`` does that.
 
     Raises
     ------
     ValueError
-        If ``dataset`` is not one of ``DEFAULT_DIRS``.
+        If ``dataset`` is not registered in ``DATASETS``.
     """
-    _check_dataset(dataset)
+    spec = dataset_spec(dataset)
     if configured:
         return Path(configured).expanduser()
     env = os.environ.get(DATA_DIR_ENV, "")
     if env:
         return Path(env).expanduser()
-    return Path(DEFAULT_DIRS[dataset])
+    return Path(spec.default_dir)
 
 
-def _fail(dataset: str, path: Path, problem: str) -> DataError:
-    return DataError(f"{dataset}: {path}: {problem}; {_HINTS[dataset]}")
+def _fail(spec: DatasetSpec, path: Path, problem: str) -> DataError:
+    return DataError(f"{spec.name}: {path}: {problem}; {spec.hint}")
 
 
-# --- Fashion-MNIST (IDX) -----------------------------------------------------
-
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-
-
-def _find_idx(data_dir: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    if not data_dir.is_dir():
-        raise _fail("fashion-mnist", data_dir, "folder not found")
-    raise _fail("fashion-mnist", data_dir / stem, "file not found (plain or .gz)")
-
-
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an unsigned-byte IDX file of the expected rank."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise _fail("fashion-mnist", path, f"cannot read ({exc})") from exc
-    # Header: two zero bytes, dtype code (0x08 = ubyte), rank, then big-endian uint32 dims.
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        raise _fail(
-            "fashion-mnist", path,
-            f"bad IDX magic {raw[:4].hex() or '(empty)'}, expected 000008{ndim:02x}",
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise _fail("fashion-mnist", path, "truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise _fail(
-            "fashion-mnist", path,
-            f"IDX dims {dims} need {expected} data bytes, file has {len(raw) - header}",
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
-
-
-def _fashion_files(split: str, data_dir: Path) -> list[Path]:
-    p = _IDX_PREFIX[split]
-    return [_find_idx(data_dir, f"{p}-images-idx3-ubyte"), _find_idx(data_dir, f"{p}-labels-idx1-ubyte")]
-
-
-def _decode_fashion(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    img_path, lbl_path = files
-    images = _read_idx(img_path, 3)
-    labels = _read_idx(lbl_path, 1)
-    if images.shape[1:] != (28, 28):
-        raise _fail("fashion-mnist", img_path, f"images are {images.shape[1:]}, expected (28, 28)")
-    if len(images) != len(labels):
-        raise _fail(
-            "fashion-mnist", lbl_path, f"{len(labels)} labels for {len(images)} images in {img_path}"
-        )
-    if labels.size and labels.max() >= _NUM_CLASSES["fashion-mnist"]:
-        raise _fail("fashion-mnist", lbl_path, f"label {int(labels.max())} out of range 0..9")
-    return images[:, None, :, :], labels.astype(np.int64)
-
-
-# --- CIFAR-10 (python pickle batches) ----------------------------------------
-
-
-def _np_reconstruct():
-    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed core -> _core
-    return core.multiarray._reconstruct
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and nothing else.
-
-    The CIFAR-10 batches are pickles; refusing every other global means a
-    tampered file cannot run code while being loaded.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
-        if name == "_reconstruct":
-            return _np_reconstruct()
-        return getattr(np, name)
-
-
-def _cifar_files(split: str, data_dir: Path) -> list[Path]:
-    if not data_dir.is_dir():
-        raise _fail("cifar10", data_dir, "folder not found")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    for name in names:
-        if not (data_dir / name).is_file():
-            raise _fail("cifar10", data_dir / name, "file not found")
-    return [data_dir / n for n in names]
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with path.open("rb") as fh:
-            batch = _ArrayUnpickler(fh, encoding="bytes").load()
-    except Exception as exc:  # any unpickling failure means a corrupt or hostile file
-        raise _fail("cifar10", path, f"cannot unpickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise _fail("cifar10", path, "not a CIFAR-10 batch (need keys b'data' and b'labels')")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        shape = getattr(data, "shape", None)
-        raise _fail("cifar10", path, f"b'data' must be uint8 (N, 3072), got {shape}")
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise _fail("cifar10", path, f"{labels.shape} labels for {len(data)} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= _NUM_CLASSES["cifar10"]):
-        raise _fail("cifar10", path, "labels out of range 0..9")
-    # Rows are 1024 red, 1024 green, 1024 blue values, each row-major 32x32.
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-
-def _decode_cifar(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_read_cifar_batch(p) for p in files]
-    return (
-        np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
-        np.concatenate([p[1] for p in parts]),
-    )
-
-
-# --- public loaders ----------------------------------------------------------
-
-
-def _sources(dataset: str, split: str, data_dir: Path) -> list[Path]:
-    _check_dataset(dataset)
+def _sources(spec: DatasetSpec, split: str, data_dir: Path) -> list[Path]:
     _check_split(split)
-    data_dir = Path(data_dir)
-    return _fashion_files(split, data_dir) if dataset == "fashion-mnist" else _cifar_files(split, data_dir)
+    try:
+        return spec.files(split, Path(data_dir))
+    except SourceError as exc:
+        raise _fail(spec, exc.path, exc.problem) from exc
 
 
-def _decode(dataset: str, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    return _decode_fashion(files) if dataset == "fashion-mnist" else _decode_cifar(files)
+def _mismatch(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray) -> str | None:
+    """What about decoded (or cached) arrays contradicts ``spec``, if anything.
+
+    Pixel statistics, the model's input layer and the partitioner all trust
+    the registry's sizes, so arrays that disagree must not get past the loader.
+    """
+    expected = (spec.channels, *spec.image_size)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != expected:
+        return (
+            f"decoded images are {getattr(images, 'dtype', type(images).__name__)} "
+            f"{getattr(images, 'shape', None)}, expected uint8 (N, {', '.join(map(str, expected))})"
+        )
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != (len(images),):
+        return (
+            f"decoded labels are {getattr(labels, 'dtype', type(labels).__name__)} "
+            f"{getattr(labels, 'shape', None)}, expected int64 ({len(images)},)"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        return f"decoded labels out of range 0..{spec.num_classes - 1}"
+    return None
 
 
-def _to_imageset(dataset: str, images: np.ndarray, labels: np.ndarray) -> ImageSet:
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), _NUM_CLASSES[dataset])
+def _decode(spec: DatasetSpec, files: list[Path], data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        images, labels = spec.decode(files)
+    except SourceError as exc:
+        raise _fail(spec, exc.path, exc.problem) from exc
+    problem = _mismatch(spec, images, labels)
+    if problem is not None:
+        raise _fail(spec, Path(data_dir), problem)
+    return images, labels
+
+
+def _to_imageset(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray) -> ImageSet:
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), spec.num_classes)
 
 
 def load_split(dataset: str, split: str, data_dir: Path) -> ImageSet:
@@ -265,27 +116,32 @@ def load_split(dataset: str, split: str, data_dir: Path) -> ImageSet:
 
     Parameters
     ----------
-    dataset : {"fashion-mnist", "cifar10"}
+    dataset : str
+        A name in ``DATASETS`` (``"fashion-mnist"``, ``"cifar10"``, ...).
     split : {"train", "test"}
     data_dir : Path
-        Folder with the IDX files (Fashion-MNIST, plain or gzipped) or the
-        ``cifar-10-batches-py`` folder (CIFAR-10).
+        The folder with the data set's files, e.g. the IDX files
+        (Fashion-MNIST, plain or gzipped) or the ``cifar-10-batches-py``
+        folder (CIFAR-10).
 
     Returns
     -------
     ImageSet
-        ``(N, 1, 28, 28)`` or ``(N, 3, 32, 32)`` uint8 images with int64 labels.
+        ``(N, channels, H, W)`` uint8 images and int64 labels in
+        ``[0, num_classes)``, with the sizes of the data set's registry entry
+        (``(N, 1, 28, 28)`` for Fashion-MNIST, ``(N, 3, 32, 32)`` for CIFAR-10).
 
     Raises
     ------
     ValueError
         Unknown ``dataset`` or ``split``.
     DataError
-        Missing folder/file or corrupt content; the message names the path and
-        how to obtain the data.
+        Missing folder/file or corrupt content, as
+        ``"<dataset>: <path>: <problem>; <how to obtain the data>"``.
     """
-    files = _sources(dataset, split, data_dir)
-    return _to_imageset(dataset, *_decode(dataset, files))
+    spec = dataset_spec(dataset)
+    files = _sources(spec, split, data_dir)
+    return _to_imageset(spec, *_decode(spec, files, data_dir))
 
 
 def _cache_key(dataset: str, split: str, files: list[Path]) -> str:
@@ -319,26 +175,39 @@ def load_split_cached(
     Cache files are written atomically; an unreadable cache entry is decoded
     again and rewritten, and a cache folder that cannot be written only emits a
     warning.  With ``cache_dir=None`` this is exactly ``load_split``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``dataset`` or ``split``.
+    DataError
+        As ``load_split``, when the sources must be decoded.
     """
     if cache_dir is None:
         return load_split(dataset, split, data_dir)
-    files = _sources(dataset, split, data_dir)
+    spec = dataset_spec(dataset)
+    files = _sources(spec, split, data_dir)
     cache_dir = Path(cache_dir)
     stem = f"{dataset}-{split}-{_cache_key(dataset, split, files)}"
     img_path, lbl_path = cache_dir / f"{stem}-images.npy", cache_dir / f"{stem}-labels.npy"
     if img_path.is_file() and lbl_path.is_file():
         try:
-            return _to_imageset(dataset, np.load(img_path), np.load(lbl_path))
+            images, labels = np.load(img_path), np.load(lbl_path)
+            problem = _mismatch(spec, images, labels)
         except (OSError, ValueError) as exc:
-            warnings.warn(f"ignoring unreadable cache {img_path}: {exc}", stacklevel=2)
-    images, labels = _decode(dataset, files)
+            problem = str(exc)
+        if problem is None:
+            return _to_imageset(spec, images, labels)
+        # A damaged or stale-layout entry is not fatal: decode again and overwrite it.
+        warnings.warn(f"ignoring unreadable cache {img_path}: {problem}", stacklevel=2)
+    images, labels = _decode(spec, files, data_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save_atomic(img_path, images)
         _save_atomic(lbl_path, labels)
     except OSError as exc:
         warnings.warn(f"cannot write data cache in {cache_dir}: {exc}", stacklevel=2)
-    return _to_imageset(dataset, images, labels)
+    return _to_imageset(spec, images, labels)
 
 
 def load_hf_split(name: str, split: str) -> ImageSet:
@@ -351,6 +220,20 @@ def load_hf_split(name: str, split: str) -> ImageSet:
     image column is the first column holding PIL images or arrays; the
     label column is ``"label"`` or ``"labels"``.  Grey images become
     ``(N, 1, H, W)``, colour images ``(N, 3, H, W)``; all images must share a size.
+
+    Parameters
+    ----------
+    name : str
+        Hugging Face data set id, e.g. ``"uoft-cs/cifar10"``.
+    split : str
+        A split of that data set, e.g. ``"train"`` or ``"test"``.
+
+    Returns
+    -------
+    ImageSet
+        Every sample of the split, in the data set's order; ``num_classes``
+        from the label feature, else ``max(label) + 1``.  No pixel statistics
+        are known for it (see :func:`~nmoe_flwr.data.registry.pixel_stats_for`).
 
     Raises
     ------

@@ -3,7 +3,7 @@
 Layout (one folder per client, written by the client at the end of training)::
 
     <output-dir>/<run-name>/checkpoints/client-<id>/
-        manifest.json     partition id, sizes, file names (and the run it came from)
+        manifest.json     partition id, sizes, pixel statistics, file names (and the run)
         extractor.pt      ResNet20 state dict   } torch.save of plain tensors:
         gate.pt           gate state dict       } torch.load(..., weights_only=True)
         expert.pt         this client's expert  }
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..models import MLP, Gate, ResNet20
+from ..algorithms.models import MLP, Gate, ResNet20
+from ..data.registry import PixelStats, dataset_spec
 
 FORMAT = 1
 FILES = {"extractor": "extractor.pt", "gate": "gate.pt", "expert": "expert.pt"}
@@ -49,6 +50,19 @@ class ClientCheckpoint:
     expert: MLP
 
 
+def checkpoint_pixel_stats(manifest: dict[str, Any]) -> PixelStats:
+    """The pixel statistics the checkpoint's extractor was trained with.
+
+    Manifests carry them as ``pixel-mean``/``pixel-std``; older ones only
+    name the ``dataset``, whose registry entry then supplies them.
+    """
+    if "pixel-mean" in manifest:
+        return PixelStats(tuple(manifest["pixel-mean"]), tuple(manifest["pixel-std"]))
+    if "dataset" in manifest:
+        return dataset_spec(str(manifest["dataset"])).pixel_stats
+    raise ValueError("checkpoint manifest has neither pixel-mean/pixel-std nor dataset: cannot normalise inputs")
+
+
 def load_checkpoint(folder: Path) -> ClientCheckpoint:
     """Load a folder written by :func:`write_checkpoint`.
 
@@ -66,8 +80,8 @@ def load_checkpoint(folder: Path) -> ClientCheckpoint:
     m = json.loads(path.read_text())
     if m.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {m.get('format')!r}, this version reads {FORMAT}")
-    load = lambda part: torch.load(folder / m["files"][part], weights_only=True)  # noqa: E731
-    extractor = ResNet20(int(m["in-channels"]))
+    load = lambda part: torch.load(folder / m["files"][part], weights_only=True)
+    extractor = ResNet20(checkpoint_pixel_stats(m))
     extractor.load_state_dict(load("extractor"))
     gate = Gate(int(m["latent-dim"]), int(m["mlp-hidden"]), int(m["num-experts"]))
     gate.load_state_dict(load("gate"))

@@ -25,7 +25,7 @@ import grpc
 import torch
 from torch import Tensor, nn
 
-from ..models import route
+from ..algorithms.models import route
 from .server import PREDICT
 from .wire import NAMES, decode, encode
 

@@ -5,7 +5,12 @@ from .fedsc import CorrelationEntry, FedSC, external_correlation
 from .partial_fedavg import PartialFedAvg, split_shared
 
 __all__ = [
+    "CorrelationEntry",
     "ExpertAssignment",
+    "FedSC",
+    "PartialFedAvg",
     "RoundLog",
     "aggregate_experts",
-    "CorrelationEntry", "FedSC", "PartialFedAvg", "external_correlation", "split_shared"]
+    "external_correlation",
+    "split_shared",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -12,25 +12,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..alignment import AlignmentScores, assign
+from ..algorithms.alignment import AlignmentScores, assign
 from ..capacity import CapacityProfile, round_seconds
 from ..constants import (
     ASSIGNED_EXPERTS,
+    BYTES,
     EXPERT_IMPROVEMENT,
     EXPERT_ROUTED,
     METRICS,
+    MOE_GATE_PREFIX,
     NUM_EXAMPLES,
     ROUTING_SHARE,
     SECONDS,
+    SIM_SECONDS,
     TRAIN_LOSS,
+    moe_expert_prefix,
 )
-
-GATE_PREFIX = "gate."
-
-
-def expert_prefix(j: int) -> str:
-    """State-dict prefix of expert ``j`` in :class:`~nmoe_flwr.models.GlobalMoE`."""
-    return f"experts.{j}."
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -62,14 +59,14 @@ def aggregate_experts(
         routed to each expert this round.
     """
     new = {k: np.array(v, copy=True) for k, v in current.items()}
-    gate_keys = [k for k in current if k.startswith(GATE_PREFIX)]
+    gate_keys = [k for k in current if k.startswith(MOE_GATE_PREFIX)]
     total = sum(n for _, _, n in updates)
     if total > 0:
         for k in gate_keys:
             new[k] = sum(u[k] * (n / total) for u, _, n in updates).astype(current[k].dtype)
     load = np.zeros(num_experts)
     for j in range(num_experts):
-        prefix = expert_prefix(j)
+        prefix = moe_expert_prefix(j)
         trainers = [(u, routed.get(j, 0.0)) for u, routed, _ in updates if any(k.startswith(prefix) for k in u)]
         if not trainers:
             continue
@@ -171,7 +168,7 @@ class ExpertAssignment(FedAvg):
         self._assigned = {n: by_row[self.clients[n]] for n in nodes}
         messages = []
         for node in nodes:
-            prefixes = (GATE_PREFIX, *(expert_prefix(j) for j in self._assigned[node]))
+            prefixes = (MOE_GATE_PREFIX, *(moe_expert_prefix(j) for j in self._assigned[node]))
             subset = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(prefixes)})
             self._bytes_down[node] = record_bytes(subset)
             cfg = ConfigRecord({**dict(config), ASSIGNED_EXPERTS: self._assigned[node]})
@@ -183,7 +180,12 @@ class ExpertAssignment(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Per-expert aggregation, score updates, bytes and simulated time."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        valid = []
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "Node %s failed round %d: %s", reply.metadata.src_node_id, server_round, reply.error.reason)
+            else:
+                valid.append(reply)
         # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
         valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
         if not valid or self._global is None:
@@ -211,7 +213,7 @@ class ExpertAssignment(FedAvg):
         total = sum(u[2] for u in updates)
         loss = sum(float(r.content[METRICS][TRAIN_LOSS]) * u[2] for r, u in zip(valid, updates)) / total
         metrics = MetricRecord({
-            TRAIN_LOSS: loss, "bytes": sum(down.values()) + sum(bytes_up.values()), "sim-seconds": sim,
+            TRAIN_LOSS: loss, BYTES: sum(down.values()) + sum(bytes_up.values()), SIM_SECONDS: sim,
         })
         return ArrayRecord({k: Array(v) for k, v in state.items()}), metrics
 

@@ -1,4 +1,12 @@
-"""results.json, rounds.csv and the closing table of a run."""
+"""What a run writes on the server: results.json, rounds.csv and the closing table.
+
+``results.json`` sections: ``run`` (id, name, status, notes), ``config`` (the
+resolved run config), ``timings-s`` (wall time of every timed step of the
+server), ``stages`` (what each training stage -- and the alignment phase --
+reported, per round and per client) and ``results`` (every method's
+per-client metrics and their mean). ``rounds.csv`` has one row per
+aggregated round of every federated phase (column ``stage``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from typing import Any, TypeVar
 
 from flwr.supercore import log
 
-from .constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from ..constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
 
 T = TypeVar("T")
 
@@ -69,11 +77,11 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
 
     def timing(self, name: str, seconds: float) -> None:
-        """Record the wall time of a stage."""
+        """Record the wall time of a step of the server's work."""
         self.data["timings-s"][name] = round(seconds, 3)
 
     def timed(self, name: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` as stage ``name``: log its start and end, record its wall time."""
+        """Run ``fn`` as the step ``name``: log its start and end, record its wall time."""
         t0 = time.perf_counter()
         log(INFO, "=== %s ===", name)
         out = fn()
@@ -81,12 +89,13 @@ class RunRecorder:
         log(INFO, "=== %s done in %.1f s ===", name, time.perf_counter() - t0)
         return out
 
-    def stage(self, name: str, info: Mapping[str, Any]) -> None:
-        """Record what a stage reported (per-round and per-client metrics)."""
+    def stage_details(self, name: str, info: Mapping[str, Any]) -> None:
+        """Record what a training stage (or the alignment phase) reported:
+        per-round and per-client metrics, settings, privacy spent."""
         self.data["stages"][name] = dict(info)
 
     def add_rounds(self, stage: str, rounds: Mapping[int, Mapping[str, float]]) -> None:
-        """Append per-round aggregated metrics of a stage to rounds.csv."""
+        """Append the per-round aggregated metrics of a federated phase to rounds.csv."""
         for rnd, metrics in sorted(rounds.items()):
             self.rounds.append({"stage": stage, "round": rnd, **metrics})
 

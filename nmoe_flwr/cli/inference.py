@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..training import classification_metrics
-from .checkpoint import load_checkpoint
-from .router import GrpcTransport, Router
-from .server import ServerLimits, serve
+from ..algorithms.training import classification_metrics
+from ..inference.checkpoint import load_checkpoint
+from ..inference.router import GrpcTransport, Router
+from ..inference.server import ServerLimits, serve
 
 TOKEN_ENV = "NMOE_TOKEN"
 

@@ -12,8 +12,9 @@
   paper's centralized upper bound.
 
 State-dict keys start with the names of the sub-modules (``extractor.``,
-``head.``, ``shared.``, ``decision.``); :mod:`nmoe_flwr.constants` holds these
-prefixes and the strategies aggregate by them.
+``head.``, ``shared.``, ``decision.``, ``gate.``, ``experts.<j>.``);
+:mod:`nmoe_flwr.constants` holds these prefixes and the strategies aggregate
+by them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Per-dataset pixel statistics; the extractor normalises uint8 input itself so
-# that data can stay uint8 (4x smaller) from disk to the training device.
-PIXEL_STATS: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    1: ((0.2860,), (0.3530,)),  # Fashion-MNIST
-    3: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10
-}
+from ..data.registry import PixelStats
 
 
 class _BasicBlock(nn.Module):
@@ -60,25 +56,27 @@ class ResNet20(nn.Module):
 
     Parameters
     ----------
-    in_channels : int
-        Channels of the input images (1 for Fashion-MNIST, 3 for CIFAR-10).
+    stats : PixelStats
+        The data set's pixel statistics (its registry entry,
+        :func:`nmoe_flwr.data.pixel_stats_for`); the input has
+        ``stats.channels`` channels.
 
     Notes
     -----
     Takes ``uint8`` (or float in [0, 255]) images of shape ``(B, C, H, W)``
-    and normalises them internally with :data:`PIXEL_STATS`; any spatial
-    size works thanks to the global average pool.
+    and normalises them internally, so data stays ``uint8`` (4x smaller)
+    from disk to the training device; any spatial size works thanks to the
+    global average pool.
     """
 
     out_dim = 64
 
-    def __init__(self, in_channels: int = 3) -> None:
+    def __init__(self, stats: PixelStats) -> None:
         super().__init__()
-        mean, std = PIXEL_STATS.get(in_channels, ((0.5,) * in_channels, (0.25,) * in_channels))
         # Non-persistent: constants are not weights, so they never travel.
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
-        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.register_buffer("mean", torch.tensor(stats.mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(stats.std).view(1, -1, 1, 1) * 255, persistent=False)
+        self.conv = nn.Conv2d(stats.channels, 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         layers: list[nn.Module] = []
         c_in = 16
@@ -138,9 +136,9 @@ class Classifier(nn.Module):
     State-dict keys start with ``extractor.`` and ``head.``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int) -> None:
+    def __init__(self, stats: PixelStats, num_classes: int, hidden: int) -> None:
         super().__init__()
-        self.extractor = ResNet20(in_channels)
+        self.extractor = ResNet20(stats)
         self.head = MLP(ResNet20.out_dim, hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -272,9 +270,9 @@ class CentralizedMoE(nn.Module):
     probabilities under noisy top-k routing.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_experts: int, hidden: int) -> None:
+    def __init__(self, stats: PixelStats, num_classes: int, num_experts: int, hidden: int) -> None:
         super().__init__()
-        self.extractor = ResNet20(in_channels)
+        self.extractor = ResNet20(stats)
         self.gate = Gate(ResNet20.out_dim, hidden, num_experts)
         self.experts = nn.ModuleList(
             MLP(ResNet20.out_dim, hidden, num_classes) for _ in range(num_experts)
@@ -331,11 +329,6 @@ class GlobalMoE(nn.Module):
                 probs[:, j] = self.experts[j](h).float().softmax(-1)
             return mixture_probs(weights.float(), index, probs), index[:, 0]
         return nmoe_combine(h, weights, index, self.experts), index[:, 0]
-
-
-def state_subset(state: dict[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
-    """Entries of a state dict whose names start with one of ``prefixes``."""
-    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -1,10 +1,10 @@
-"""Stage 1 (FedCE) in one plain process, without Flower.
+"""``python -m nmoe_flwr.cli.plain_fedce``: stage 1 (FedCE) in one plain process, without Flower.
 
 The reference that the overhead benchmark compares ``flwr run`` against, and
 the path that runs on machines without ``flwr``/``ray`` (the lent GPU box).
 Clients train one after another with exactly the ClientApp's code
-(:func:`nmoe_flwr.stages.train_classifier`); averaging is FedAvg's weighted
-mean by example count.
+(:func:`nmoe_flwr.algorithms.fedce.train_classifier`, same seeds); averaging
+is FedAvg's weighted mean by example count. It imports nothing from Flower.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import stages
-from .config import RunConfig
-from .constants import EXTRACTOR_PREFIX, HEAD_PREFIX
-from .data import ClientSplits
-from .seeding import derive_seed
-from .training import Runtime
+from ..algorithms.fedce import (
+    classifier_metrics,
+    fedce_round_lr,
+    new_classifier,
+    train_classifier,
+)
+from ..algorithms.seeding import derive_seed
+from ..algorithms.training import DeviceData, Runtime, mean_over_clients
+from ..config import RunConfig
+from ..constants import EXTRACTOR_PREFIX, HEAD_PREFIX
+from ..data import ClientSplits, pixel_stats_for
 
 
 def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -44,32 +49,33 @@ def fedce_plain(
     classifier's test metrics. ``on_round(round, seconds)`` reports progress.
     """
     in_channels, num_classes = splits[0].train.images.shape[1], splits[0].train.num_classes
-    model = stages.new_classifier(cfg, in_channels, num_classes, derive_seed(cfg.seed, "fedce-init"))
+    stats = pixel_stats_for(cfg.dataset, cfg.hf_dataset, in_channels)
+    model = new_classifier(stats, num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
     model = runtime.prepare(model)
     shared = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     local_states = [dict(global_state) for _ in splits]
-    data = [stages.DeviceData.of(s.train, runtime) for s in splits]
+    data = [DeviceData.of(s.train, runtime) for s in splits]
     for rnd in range(1, cfg.fedce_rounds + 1):
         t0 = time.perf_counter()
         states, weights = [], []
         for pid, client in enumerate(data):
             model.load_state_dict({**local_states[pid], **{k: v for k, v in global_state.items() if k.startswith(shared)}})
-            stats = stages.train_classifier(
+            fit = train_classifier(
                 model, client, cfg, runtime, epochs=cfg.fedce_local_epochs,
-                lr=stages.fedce_round_lr(cfg, rnd, cfg.fedce_rounds), seed=derive_seed(cfg.seed, pid, "fedce", rnd),
+                lr=fedce_round_lr(cfg.lr, rnd, cfg.fedce_rounds), seed=derive_seed(cfg.seed, pid, "fedce", rnd),
             )
             local_states[pid] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             states.append(local_states[pid])
-            weights.append(stats.num_examples)
+            weights.append(fit.num_examples)
         global_state = weighted_mean(states, weights)
         if on_round is not None:
             on_round(rnd, time.perf_counter() - t0)
     metrics = []
     for pid, split in enumerate(splits):
         model.load_state_dict({**local_states[pid], **{k: v for k, v in global_state.items() if k.startswith(shared)}})
-        test = stages.DeviceData.of(split.test, runtime)
-        metrics.append(stages.classifier_metrics(model, test, num_classes, cfg, runtime))
+        test = DeviceData.of(split.test, runtime)
+        metrics.append(classifier_metrics(model, test, num_classes, cfg.batch_size * 4, runtime))
     return global_state, metrics
 
 
@@ -83,10 +89,10 @@ def _config_from(preset: str | None, overrides: list[str]) -> RunConfig:
 
     import tomllib
 
-    from .config import parse_run_config
+    from ..config import parse_run_config
 
     raw: dict = {}
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.exists():
         raw.update(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
     if preset:
@@ -98,16 +104,16 @@ def _config_from(preset: str | None, overrides: list[str]) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m nmoe_flwr.plain``: FedCE in one process; prints a JSON summary."""
+    """``python -m nmoe_flwr.cli.plain_fedce``: FedCE in one process; prints a JSON summary."""
     import argparse
     import json
 
-    from .data.federated import all_client_splits
-    from .training import resolve_runtime, set_torch_threads
-    from .workspace import cache_dir
+    from ..algorithms.training import resolve_runtime, set_torch_threads
+    from ..data import all_client_splits
+    from ..workspace import cache_dir
 
     t0 = time.perf_counter()
-    parser = argparse.ArgumentParser(prog="python -m nmoe_flwr.plain", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nmoe_flwr.cli.plain_fedce", description=main.__doc__)
     parser.add_argument("--preset", help="run-config TOML (e.g. configs/paper.toml)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values)")
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": cfg.fedce_rounds, "clients": cfg.num_clients, "threads": threads, "device": str(runtime.device),
         "train-seconds": sum(train_s), "train-images": images, "images-per-second": images / sum(train_s),
         "wall-seconds": time.perf_counter() - t0,
-        "fedce-classifier": stages.mean_metrics(dict(enumerate(metrics))),
+        "fedce-classifier": mean_over_clients(dict(enumerate(metrics))),
     }
     print(json.dumps(summary), flush=True)
     return 0

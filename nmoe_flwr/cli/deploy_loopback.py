@@ -31,7 +31,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .launcher import (
+from .flwr_process import (
     free_port,
     merged_run_config,
     offline_env,

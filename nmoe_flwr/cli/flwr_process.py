@@ -1,24 +1,14 @@
-"""``nmoe-run``: ``flwr run`` in local simulation, offline, with a real exit status.
+"""Processes of Flower's CLI and engines, shared by every ``nmoe-*`` command.
 
-``flwr run --stream`` exits 0 even when the run failed, and its ``:local:``
-SuperLink keeps running after the CLI exits. This launcher
-
-1. sets the offline environment (``FLWR_HOME``, no telemetry, no update
-   check, no runtime dependency installation, a private ``RAY_TMPDIR``),
-2. starts its own simulation SuperLink on free loopback ports and points
-   ``:local:`` at it,
-3. runs ``flwr run <app> --stream`` with ``num-supernodes`` = ``num-clients``
-   of the run config (unless given),
-4. reads the run's final status with ``flwr ls --run-id ... --format json``,
-5. stops the SuperLink and every process it started (the whole process
-   tree, Ray included), also on Ctrl-C, SIGTERM or errors,
-
-and exits 0 only for ``finished:completed``.
+Offline environment, free loopback ports, a simulation SuperLink, streaming
+``flwr run`` with a deadline, reading a run's final status (``flwr run
+--stream`` exits 0 even when the run failed), and stopping a whole process
+tree (Flower's SuperLink starts ``flower-superexec`` in its own session and
+Ray under it, so signalling a process group is not enough).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -237,83 +227,3 @@ def run_status(env: dict[str, str], run_id: str, timeout: float = 120.0) -> dict
         if time.monotonic() > deadline:
             return runs[0] if runs else {"status": "unknown", "status-details": out.stdout + out.stderr}
         time.sleep(1.0)
-
-
-def launch(
-    app: Path,
-    run_config: str | None = None,
-    num_supernodes: int | None = None,
-    cpus_per_client: int = 1,
-    gpus_per_client: float = 0.0,
-    flwr_home: Path | None = None,
-    timeout: float = 6 * 3600,
-    log_file: Path | None = None,
-    extra_env: dict[str, str] | None = None,
-    overrides: list[str] | None = None,
-) -> tuple[str, dict]:
-    """Run the app through ``flwr run`` and return ``(status, flwr ls record)``.
-
-    Streams the run's log to stdout (and to ``log_file`` if given);
-    ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``);
-    ``overrides`` (``"k=v ..."``) are applied on top of ``run_config``.
-    """
-    app = app.resolve()
-    flwr_home = (flwr_home or app / ".flwr").resolve()
-    env = {**offline_env(flwr_home), **(extra_env or {})}
-    # Where results go unless the run config says otherwise: the app's outputs/ folder
-    # (the ServerApp's working directory is Flower's business, not the user's).
-    env.setdefault("NMOE_OUTPUT_DIR", str(app / "outputs"))
-    merged = merged_run_config(run_config, overrides)
-    n = num_supernodes or int(run_config_value(app, merged, "num-clients"))
-    federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"
-    if gpus_per_client:
-        federation += f" client-resources-num-gpus={gpus_per_client}"
-    cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
-    if overrides:
-        cmd += ["--run-config", str(write_run_config(merged, flwr_home / "run-config.toml"))]
-    elif run_config:
-        cmd += ["--run-config", run_config]
-    t0 = time.perf_counter()
-    with local_superlink(env, flwr_home / "superlink") as link_env:
-        run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
-        if run_id is None:
-            return "not-started", {"status": "not-started", "status-details": f"flwr run exited {code}"}
-        record = run_status(link_env, run_id)
-        # Until the run had finished (results written), before tearing the SuperLink and Ray down.
-        record["seconds-until-finished"] = time.perf_counter() - t0
-    return str(record.get("status")), record
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``nmoe-run``."""
-    # SIGTERM (kill, CI timeouts) raises SystemExit like Ctrl-C raises KeyboardInterrupt,
-    # so the SuperLink and everything it started are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    parser = argparse.ArgumentParser(
-        prog="nmoe-run",
-        description="Run the NMoE Flower app in local simulation (offline) and exit non-zero unless "
-        "the run finished:completed. Starts and stops its own SuperLink.",
-    )
-    parser.add_argument("--app", type=Path, default=Path("."), help="Flower app folder (default: .)")
-    parser.add_argument("--run-config", help='preset TOML file (e.g. configs/smoke.toml) or "key=value ..." overrides')
-    parser.add_argument(
-        "--set", action="append", default=[], metavar='"KEY=VALUE ..."',
-        help="override keys on top of --run-config (TOML values, e.g. --set \"fedsc-rounds=10 dp-epsilon=inf\"); repeatable",
-    )
-    parser.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-clients of the run config)")
-    parser.add_argument("--cpus-per-client", type=int, default=1, help="client-resources-num-cpus (default 1: one torch thread per client)")
-    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="client-resources-num-gpus, e.g. 0.1 to share one GPU by 10 clients")
-    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
-    parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
-    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
-    args = parser.parse_args(argv)
-    status, record = launch(
-        args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
-        args.flwr_home, args.timeout, args.log_file, overrides=args.set,
-    )
-    print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
-    return 0 if status == "finished:completed" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,16 +13,23 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .constants import ACCURACY, MACRO_F1
+from ..constants import ACCURACY, MACRO_F1
+from ..data import ImageSet
+from ..data.augment import random_crop_flip
 
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
 """``loss_fn(model, batch) -> (mean loss, number of correct predictions)``."""
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+"""``augment(uint8 batch, generator) -> augmented batch``, on the batch's device."""
+
+AUGMENT_PAD = 2  # pixels of random translation (28x28 and 32x32 inputs)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,25 @@ class Runtime:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A labelled data set on the training device (images stay uint8)."""
+
+    x: Tensor
+    y: Tensor
+
+    @classmethod
+    def of(cls, data: ImageSet, runtime: Runtime) -> DeviceData:
+        """Copy an :class:`~nmoe_flwr.data.ImageSet` to ``runtime.device`` once."""
+        return cls(data.images.to(runtime.device), data.labels.to(runtime.device))
+
+
+def crop_flip(enabled: bool) -> Augment | None:
+    """The supervised augmentation (``AUGMENT_PAD``-pixel translation and
+    horizontal flip), or ``None`` when ``augment`` is off."""
+    return (lambda x, g: random_crop_flip(x, AUGMENT_PAD, g)) if enabled else None
 
 
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool = True) -> Runtime:
@@ -165,7 +191,7 @@ def fit(
     runtime: Runtime,
     generator: torch.Generator,
     lr_multiplier: Callable[[float], float] | None = None,
-    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    augment: Augment | None = None,
     grad_norm: bool = False,
     grad_clip: float | None = None,
 ) -> FitStats:
@@ -300,3 +326,12 @@ def evaluate(
     """Accuracy and macro-F1 of ``fn`` (inputs -> class scores) on ``(x, y)``."""
     scores = predict(fn, x, batch_size, runtime)
     return classification_metrics(scores.argmax(1), y, num_classes)
+
+
+def mean_over_clients(
+    per_client: Mapping[int, Mapping[str, float]], keys: Sequence[str] = (ACCURACY, MACRO_F1)
+) -> dict[str, float]:
+    """Unweighted mean over clients of every key all clients report (the
+    paper's "average accuracy and F1")."""
+    rows = list(per_client.values())
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}

@@ -16,10 +16,11 @@ import math
 import sys
 from pathlib import Path
 
-from .alignment import RULES
-from .launcher import launch, merged_run_config
-from .plots import accuracy_curves
-from .workspace import output_root
+from ..algorithms.alignment import RULES
+from ..pipelines.plots import accuracy_curves
+from ..workspace import output_root
+from .flwr_process import merged_run_config
+from .run import launch
 
 
 def _fmt(value, spec: str) -> str:

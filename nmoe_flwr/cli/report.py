@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .constants import ACCURACY, BYTES_PER_SAMPLE, MACRO_F1, ROUTED_TO_NEIGHBOUR
-from .results import METHODS
+from ..constants import ACCURACY, BYTES_PER_SAMPLE, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from ..pipelines.results import METHODS
 
 
 def rows(path: Path) -> list[str]:

@@ -1,0 +1,78 @@
+"""Stage 3: a client's gate, trained against the frozen expert bank (FedGate).
+
+The gate scores all ``n`` experts for a latent; it is trained with the
+mixture NLL under noisy top-k routing on precomputed expert answers, with
+Muon for its weight matrices and per-tensor gradient normalization (NMoE
+paper, Sec. III-C). The server averages its shallow layers
+(:class:`nmoe_flwr.strategies.PartialFedAvg` over ``shared.``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from .models import Gate, ResNet20, mixture_nll, mixture_probs, route
+from .seeding import derive_seed, generator, seeded
+from .training import FitStats, LossFn, Runtime, cosine, fit, make_optimizers
+
+
+def new_gate(hidden: int, num_experts: int, seed: int) -> Gate:
+    """A freshly initialised gate over ``num_experts`` experts (seeded)."""
+    with seeded(seed):
+        return Gate(ResNet20.out_dim, hidden, num_experts)
+
+
+@torch.no_grad()
+def bank_probs(experts: Sequence[nn.Module], latents: Tensor) -> Tensor:
+    """``(N, n, C)`` class probabilities of every frozen expert.
+
+    The bank is frozen during stage 3, so its answers are computed once and
+    the gate trains on them: each gate step then costs one gate forward.
+    """
+    return torch.stack([e(latents).float().softmax(-1) for e in experts], dim=1)
+
+
+def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator) -> LossFn:
+    """Loss of the gate on ``(latents, labels, bank probs)``: mixture NLL under
+    noisy top-``train_k`` routing with noise of std ``noise_std``."""
+
+    def loss_fn(gate: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        h, y, probs = batch
+        weights, index = route(gate(h), train_k, noise_std, noise_gen)
+        mix = mixture_probs(weights.float(), index, probs)
+        return mixture_nll(mix, y), (mix.argmax(1) == y).sum()
+
+    return loss_fn
+
+
+def train_gate(
+    gate: Gate,
+    latents: Tensor,
+    labels: Tensor,
+    probs: Tensor,
+    cfg: RunConfig,
+    runtime: Runtime,
+    *,
+    server_round: int,
+    num_rounds: int,
+    seed: int,
+) -> FitStats:
+    """One round of local gate training against the frozen bank.
+
+    Muon for the gate's weight matrices and AdamW for its biases (or AdamW
+    for all, ``gate-optimizer``), per-tensor gradient normalization when
+    ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds.
+    """
+    opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
+    start = (server_round - 1) / num_rounds
+    loss_fn = gate_loss(cfg.train_k, cfg.gate_noise, generator(derive_seed(seed, "noise"), runtime.device))
+    return fit(
+        gate, loss_fn, (latents, labels, probs),
+        epochs=cfg.gate_local_epochs, batch_size=cfg.batch_size, optimizers=opts, runtime=runtime,
+        generator=generator(seed, runtime.device), grad_norm=cfg.gate_grad_norm,
+        lr_multiplier=lambda p: cosine(start + p / num_rounds),
+    )

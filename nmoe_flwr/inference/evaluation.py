@@ -1,0 +1,48 @@
+"""The training-time NMoE evaluation, through the same Router as ``nmoe infer``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..algorithms.models import Gate
+from ..algorithms.training import classification_metrics
+from ..constants import BYTES_PER_SAMPLE, ROUTED_TO_NEIGHBOUR
+from .router import InProcessTransport, Router
+
+
+@torch.no_grad()
+def nmoe_metrics(
+    gate: Gate,
+    experts: Sequence[nn.Module],
+    latents: Tensor,
+    labels: Tensor,
+    own_expert: int,
+    num_classes: int,
+    k: int,
+) -> dict[str, float]:
+    """NMoE prediction with plain top-k routing over all experts.
+
+    Runs the serverless :class:`~nmoe_flwr.inference.router.Router` with an
+    in-process transport (the code path of ``nmoe infer``), so it also counts
+    the bytes the latents and answers would take on the wire (fp32).
+
+    Returns
+    -------
+    dict
+        Accuracy, macro-F1, the share of samples that must leave the device
+        (at least one picked expert is a neighbour's) and bytes sent per
+        sample.
+    """
+    gate.eval()
+    router = Router(gate, own_expert, experts[own_expert], InProcessTransport(dict(enumerate(experts))), k=k)
+    try:
+        batch = router.classify_latents(latents.float().cpu())
+    finally:
+        router.close()
+    metrics = classification_metrics(batch.probs.argmax(1), labels, num_classes)
+    metrics[ROUTED_TO_NEIGHBOUR] = float((batch.experts != own_expert).any(dim=1).float().mean())
+    metrics[BYTES_PER_SAMPLE] = batch.bytes_sent / max(latents.shape[0], 1)
+    return metrics

@@ -1,0 +1,146 @@
+"""Stage 1 on the server: a registry of the methods that train the shared extractor.
+
+Every method takes the :class:`~.messaging.Federation` and the run's
+:class:`~.results.RunRecorder` and returns one ArrayRecord holding the
+extractor (``extractor.*``) and, for methods that train one, a classifier
+head (``head.*``) that stage 2 may start the experts from. Adding a method:
+
+1. its client computation in ``algorithms/<method>.py``;
+2. its message types in ``constants.py`` and handlers in ``client_app.py``;
+3. a function here, registered in :data:`EXTRACTOR_METHODS`;
+4. its name in ``config.FE_METHODS`` and its keys in ``config.py`` and
+   ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.supercore import log
+
+from ..algorithms.fedce import new_classifier
+from ..algorithms.fedsc import alpha_at, new_ssl_model
+from ..algorithms.privacy import GaussianMechanism
+from ..algorithms.seeding import derive_seed
+from ..algorithms.training import mean_over_clients
+from ..config import FE_METHODS
+from ..constants import (
+    EXTRACTOR_PREFIX,
+    HEAD_PREFIX,
+    MSG_CORRELATION,
+    MSG_EVAL_CLASSIFIER,
+    MSG_FEDCE,
+    MSG_FEDSC,
+    NOISE_MULTIPLIER,
+    NUM_ROUNDS,
+)
+from ..data import pixel_stats_for
+from ..records import add_prefix, from_record, strip_prefix, to_record
+from ..strategies import FedSC, split_shared
+from .messaging import Federation, rounds_of, weights_message
+from .results import RunRecorder
+
+ExtractorMethod = Callable[[Federation, RunRecorder], ArrayRecord]
+"""``method(federation, recorder) -> ArrayRecord`` of ``extractor.*`` (and ``head.*``)."""
+
+
+def _pixel_stats(fed: Federation):
+    return pixel_stats_for(fed.cfg.dataset, fed.cfg.hf_dataset, fed.in_channels)
+
+
+def train_fedce(fed: Federation, rec: RunRecorder) -> ArrayRecord:
+    """FedCE (NMoE paper, Eq. 1): :class:`PartialFedAvg` over the end-to-end
+    classifier (``extractor.``, and ``head.`` if ``fedce-average-head``), then
+    the FedCE classifier on every client's test set (a baseline)."""
+    cfg = fed.cfg
+    prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
+    init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    arrays, rounds = rec.timed(
+        "stage1-fedce", lambda: fed.partial_fedavg(init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds)
+    )
+    rec.add_rounds("fedce", rounds)
+    rec.stage_details("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds})
+    per_client = rec.timed(
+        "eval-fedce-classifier", lambda: fed.broadcast_metrics(weights_message(arrays), MSG_EVAL_CLASSIFIER)
+    )
+    rec.result("fedce-classifier", per_client, mean_over_clients(per_client))
+    rec.save()
+    return arrays
+
+
+def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
+    """FedSC: :class:`~nmoe_flwr.strategies.FedSC` with differentially private
+    correlation matrices; the privacy budget actually spent is recorded."""
+    cfg = fed.cfg
+    num_rounds = cfg.fedsc_rounds
+    mechanism = GaussianMechanism.for_budget(cfg.dp_epsilon, cfg.dp_delta, num_rounds)
+    log(INFO, "FedSC: noise multiplier %.3f for (epsilon %s, delta %g) over %d rounds",
+        mechanism.noise_multiplier, cfg.dp_epsilon, cfg.dp_delta, num_rounds)
+    strategy = FedSC(
+        alpha=lambda r: alpha_at(r, num_rounds, cfg.fedsc_alpha_start, cfg.fedsc_alpha_end),
+        correlation_message_type=MSG_CORRELATION,
+        train_message_type=MSG_FEDSC,
+        stale_matrices=cfg.fedsc_stale_matrices,
+        timeout=cfg.round_timeout,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_available_nodes=cfg.num_clients,
+    )
+    init = new_ssl_model(_pixel_stats(fed), cfg.fedsc_proj_dim, derive_seed(cfg.seed, "fedsc-init"))
+    result = rec.timed("stage1-fedsc", lambda: strategy.start(
+        grid=fed.grid, initial_arrays=to_record(init.state_dict()), num_rounds=num_rounds, timeout=cfg.round_timeout,
+        train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
+    ))
+    rounds = rounds_of(result, num_rounds, MSG_FEDSC)
+    releases = max(strategy.releases.values(), default=0)
+    spent = mechanism.epsilon(releases)
+    log(INFO, "FedSC: epsilon spent %.3f (delta %g) after %d releases per client", spent, cfg.dp_delta, releases)
+    rec.add_rounds("fedsc", rounds)
+    rec.stage_details("fedsc", {
+        "rounds": rounds,
+        "noise-multiplier": mechanism.noise_multiplier,
+        "dp-epsilon-target": cfg.dp_epsilon,
+        "dp-delta": cfg.dp_delta,
+        "dp-epsilon-spent": spent,
+        "matrix-releases-per-client-max": releases,
+        "stale-matrices": cfg.fedsc_stale_matrices,
+    })
+    rec.save()
+    return result.arrays
+
+
+EXTRACTOR_METHODS: dict[str, ExtractorMethod] = {"fedce": train_fedce, "fedsc": train_fedsc}
+assert tuple(EXTRACTOR_METHODS) == FE_METHODS, "config.FE_METHODS and EXTRACTOR_METHODS must list the same methods"
+
+
+def train_extractor(fed: Federation, rec: RunRecorder) -> ArrayRecord:
+    """Stage 1 by ``fe-method``, or the saved extractor of ``extractor-checkpoint``.
+
+    Returns the extractor (and head, where the method trains one) and saves
+    the extractor as ``<run>/extractor.pt`` (a bare ResNet20 state dict, the
+    format ``extractor-checkpoint`` reads), so later runs can reuse it.
+    """
+    cfg = fed.cfg
+    if cfg.extractor_checkpoint:
+        log(INFO, "Using the extractor in %s (stage 1 skipped)", cfg.extractor_checkpoint)
+        rec.note("extractor-checkpoint", cfg.extractor_checkpoint)
+        arrays = to_record(add_prefix(load_extractor(cfg.extractor_checkpoint), EXTRACTOR_PREFIX))
+    else:
+        arrays, _ = split_shared(EXTRACTOR_METHODS[cfg.fe_method](fed, rec), (EXTRACTOR_PREFIX, HEAD_PREFIX))
+    path = rec.folder / "extractor.pt"
+    torch.save(strip_prefix(from_record(arrays), EXTRACTOR_PREFIX), path)
+    rec.note("extractor-saved", str(path))
+    return arrays
+
+
+def load_extractor(path: str) -> dict[str, torch.Tensor]:
+    """A saved extractor as a bare ResNet20 state dict.
+
+    Accepts the bare format every ``extractor.pt`` of this version has and
+    the ``extractor.``-prefixed one that earlier versions wrote.
+    """
+    state = torch.load(path, weights_only=True)
+    return strip_prefix(state, EXTRACTOR_PREFIX) if any(k.startswith(EXTRACTOR_PREFIX) for k in state) else state

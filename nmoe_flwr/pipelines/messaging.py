@@ -1,0 +1,156 @@
+"""The server's side of talking to the clients: one message per node, replies checked."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from ..config import RunConfig
+from ..constants import (
+    ARRAYS,
+    CONFIG,
+    IN_CHANNELS,
+    METRICS,
+    MSG_INFO,
+    NUM_CLASSES,
+    NUM_ROUNDS,
+    PARTITION_ID,
+)
+from ..records import to_record
+from ..strategies import PartialFedAvg
+
+
+class ClientFailure(RuntimeError):
+    """A client replied with an error or not at all; the run cannot go on."""
+
+
+def send_to_all(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float) -> dict[int, RecordDict]:
+    """Send one message per node and return ``{node id: reply content}``.
+
+    Raises
+    ------
+    ClientFailure
+        If any node fails or does not answer in time.
+    """
+    messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors or len(replies) != len(messages):
+        raise ClientFailure(f"{message_type}: {len(replies)}/{len(messages)} replies; errors: {errors}")
+    return {r.metadata.src_node_id: r.content for r in replies}
+
+
+def weights_message(arrays: ArrayRecord) -> RecordDict:
+    """Content of a message that carries model weights and an empty config."""
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord()})
+
+
+def metrics_of(replies: Mapping[int, RecordDict]) -> dict[int, dict[str, float]]:
+    """The MetricRecord of every reply, as plain dicts."""
+    return {pid: dict(reply[METRICS]) for pid, reply in replies.items()}
+
+
+def rounds_of(result: Result, num_rounds: int, what: str) -> dict[int, dict[str, float]]:
+    """Aggregated training metrics per round of a finished ``Strategy.start``.
+
+    Raises
+    ------
+    ClientFailure
+        If fewer than ``num_rounds`` rounds were aggregated (replies missing).
+    """
+    if len(result.train_metrics_clientapp) != num_rounds:
+        raise ClientFailure(f"{what}: only {len(result.train_metrics_clientapp)} of {num_rounds} rounds were aggregated")
+    return {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The connected clients of a run and how the server talks to them.
+
+    Attributes
+    ----------
+    grid : Grid
+    cfg : RunConfig
+    pids : dict
+        Node id -> partition id of every connected node.
+    in_channels, num_classes : int
+        What the clients' data looks like (reported by one node).
+    """
+
+    grid: Grid
+    cfg: RunConfig
+    pids: dict[int, int]
+    in_channels: int
+    num_classes: int
+
+    @classmethod
+    def discover(cls, grid: Grid, cfg: RunConfig, timeout: float = 300.0) -> Federation:
+        """Wait for ``num-clients`` nodes and ask each for its partition id.
+
+        The ServerApp cannot read a node's ``node_config``, so it asks every
+        node (``query.info``); this also makes each client load and cache its
+        data before training starts, so a missing data set fails first.
+
+        Raises
+        ------
+        TimeoutError, ValueError
+            Too few nodes after ``timeout`` s; too many; partition ids that
+            are not ``0 .. num-clients - 1``.
+        """
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < cfg.num_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of num-clients = {cfg.num_clients} nodes connected after {timeout:.0f} s")
+            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), cfg.num_clients)
+            time.sleep(1.0)
+        if len(nodes) > cfg.num_clients:
+            raise ValueError(f"{len(nodes)} nodes are connected but num-clients = {cfg.num_clients}; they must match")
+        replies = send_to_all(grid, {n: RecordDict() for n in nodes}, MSG_INFO, cfg.round_timeout)
+        pids = {node: int(rec[METRICS][PARTITION_ID]) for node, rec in replies.items()}
+        if sorted(pids.values()) != list(range(cfg.num_clients)):
+            raise ValueError(f"partition ids of the nodes are {sorted(pids.values())}, expected 0..{cfg.num_clients - 1}")
+        info = replies[nodes[0]][METRICS]
+        return cls(grid, cfg, pids, int(info[IN_CHANNELS]), int(info[NUM_CLASSES]))
+
+    def broadcast(self, content: RecordDict, message_type: str) -> dict[int, RecordDict]:
+        """Send the same content to every node; replies keyed by partition id."""
+        replies = send_to_all(self.grid, {node: content for node in self.pids}, message_type, self.cfg.round_timeout)
+        return {self.pids[node]: reply for node, reply in replies.items()}
+
+    def broadcast_metrics(self, content: RecordDict, message_type: str) -> dict[int, dict[str, float]]:
+        """:meth:`broadcast`, returning each partition's metrics."""
+        return metrics_of(self.broadcast(content, message_type))
+
+    def partial_fedavg(
+        self, initial: Mapping[str, torch.Tensor], prefixes: Sequence[str], message_type: str, num_rounds: int
+    ) -> tuple[ArrayRecord, dict[int, dict[str, float]]]:
+        """Run one federated stage with :class:`PartialFedAvg` over every client.
+
+        Returns
+        -------
+        arrays, rounds
+            The final shared arrays and the aggregated training metrics per round.
+        """
+        strategy = PartialFedAvg(
+            prefixes,
+            train_message_type=message_type,
+            fraction_evaluate=0.0,  # evaluation is a separate, final message
+            min_train_nodes=self.cfg.num_clients,
+            min_available_nodes=self.cfg.num_clients,
+        )
+        result = strategy.start(
+            grid=self.grid,
+            initial_arrays=to_record(initial),
+            num_rounds=num_rounds,
+            timeout=self.cfg.round_timeout,
+            train_config=ConfigRecord({NUM_ROUNDS: num_rounds}),
+        )
+        return result.arrays, rounds_of(result, num_rounds, message_type)

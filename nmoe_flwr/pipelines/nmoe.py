@@ -1,0 +1,98 @@
+"""The NMoE pipeline on the server: stage 1, experts, gate, evaluation, baselines.
+
+1. Extractor by ``fe-method`` (:mod:`.extractor`); a kNN probe scores it on
+   every client's test set.
+2. Personalized experts: every client caches latents of the frozen
+   extractor and trains its expert; the server collects the expert bank.
+3. Gate: the bank goes to every client, then :class:`PartialFedAvg` over the
+   gate (``fedgate``: ``shared.`` only; ``fedavg``: all; ``local``: none).
+
+Then the NMoE evaluation on each client's test set (which also writes every
+client's inference checkpoint) and the baselines (:mod:`.baselines`).
+``results.json`` is rewritten after every step.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, RecordDict
+
+from ..algorithms.gate import new_gate
+from ..algorithms.seeding import derive_seed
+from ..algorithms.training import mean_over_clients
+from ..constants import (
+    ACCURACY,
+    ARRAYS,
+    BYTES_PER_SAMPLE,
+    EXPERT_BANK,
+    EXPERT_METRIC_PREFIX,
+    GATE_DECISION_PREFIX,
+    GATE_SHARED_PREFIX,
+    MACRO_F1,
+    MSG_EVAL_NMOE,
+    MSG_EVAL_PROBE,
+    MSG_EXPERT,
+    MSG_EXPERT_BANK,
+    MSG_GATE,
+    ROUTED_TO_NEIGHBOUR,
+)
+from ..records import bank_to_record, from_record
+from .baselines import run_baselines
+from .extractor import train_extractor
+from .messaging import Federation, metrics_of, weights_message
+from .results import RunRecorder
+
+GATE_SHARED_PREFIXES = {
+    "fedgate": (GATE_SHARED_PREFIX,),
+    "fedavg": (GATE_SHARED_PREFIX, GATE_DECISION_PREFIX),
+    "local": (),
+}
+"""``gate-method`` -> the gate's parameter prefixes the server averages."""
+
+
+def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
+    """The three stages, the NMoE evaluation and the baselines; records after each."""
+    extractor = train_extractor(fed, rec)
+    per_client = rec.timed(
+        "eval-extractor-knn", lambda: fed.broadcast_metrics(weights_message(extractor), MSG_EVAL_PROBE)
+    )
+    rec.result("extractor-knn", per_client, mean_over_clients(per_client))
+    rec.save()
+    if fed.cfg.stages == "fe":
+        return
+    bank = train_experts(fed, rec, extractor)
+    gate = train_gates(fed, rec, bank)
+    per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE))
+    rec.result("nmoe", per_client, mean_over_clients(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE)))
+    rec.save()
+    run_baselines(fed, rec)
+
+
+def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
+    """Stage 2: every client trains its expert on latents of ``extractor``;
+    returns the expert bank ``{partition id: expert state}``."""
+    replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT))
+    bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
+    metrics = metrics_of(replies)
+    own = {
+        pid: {k.removeprefix(EXPERT_METRIC_PREFIX): v for k, v in m.items() if k.startswith(EXPERT_METRIC_PREFIX)}
+        for pid, m in metrics.items()
+    }
+    rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()}})
+    rec.result("personalized-expert", own, mean_over_clients(own))
+    rec.save()
+    return bank
+
+
+def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict]) -> ArrayRecord:
+    """Stage 3: send the frozen bank, then federated gate training by
+    ``gate-method``; returns the averaged gate entries."""
+    cfg = fed.cfg
+    rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
+    prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
+    init = new_gate(cfg.mlp_hidden, cfg.num_clients, derive_seed(cfg.seed, "gate-init")).state_dict()
+    gate, rounds = rec.timed(
+        "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds)
+    )
+    rec.add_rounds("gate", rounds)
+    rec.stage_details("gate", {"method": cfg.gate_method, "shared-prefixes": list(prefixes), "rounds": rounds})
+    return gate

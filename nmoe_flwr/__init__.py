@@ -1,3 +1,13 @@
-"""nmoe-flwr: Networked Mixture-of-Experts trained and run with Flower."""
+"""nmoe-flwr: Networked Mixture-of-Experts trained and run with Flower.
+
+The Flower app is ``server_app:app`` and ``client_app:app``; what a client
+keeps between messages is ``client_state``; ``config`` (the run config),
+``constants`` (every wire key), ``records`` (state dicts <-> Flower records),
+``capacity`` (client capacity profiles) and ``workspace`` (where a run
+writes) are shared by all. The folders: ``algorithms/`` (plain torch, no
+Flower), ``data/``, ``pipelines/`` (the server's side), ``strategies/``
+(public), ``inference/`` (serverless routing) and ``cli/`` (command lines).
+README.md's "Architecture" section walks one run through them.
+"""
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .algorithms.alignment import RULES
 from .data.registry import DATASETS
 
 FE_METHODS = ("fedce", "fedsc")
@@ -114,7 +115,7 @@ class RunConfig(BaseModel):
     # Capacity-aware global MoE (pipeline = "alignment")
     num_experts: int = Field(16, ge=2)
     capacity_tiers: str = ""  # "<tier>:<clients>,..."; "" -> every client "jetson-orin"
-    assignment: Literal["random", "greedy", "load-balanced", "optimal"] = "load-balanced"
+    assignment: Literal[RULES] = "load-balanced"  # algorithms/alignment.py
     moe_rounds: int = Field(40, ge=1)
     moe_local_epochs: int = Field(1, ge=1)
     moe_lr: float = Field(1e-3, gt=0)

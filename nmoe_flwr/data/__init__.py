@@ -21,7 +21,8 @@ What lives here
 ``federated``
     From the run config to every client's data: :class:`ClientSplits`,
     :func:`make_client_splits`, :func:`load_dataset`,
-    :func:`all_client_splits`, and the disk-cached ``client_splits``.
+    :func:`all_client_splits` (a client keeps its own part on its disk:
+    :class:`nmoe_flwr.client_state.ClientStore`).
 ``augment``
     Batched augmentations on the training device (import
     ``nmoe_flwr.data.augment`` directly).

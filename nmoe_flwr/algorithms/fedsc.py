@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
-from ..data.augment import color_jitter_grayscale, random_resized_crop_flip, two_views
+from ..data.augment import ssl_view, two_views
 from ..data.registry import PixelStats
 from .models import ResNet20
 from .seeding import derive_seed, generator, seeded
@@ -91,11 +91,6 @@ def new_ssl_model(stats: PixelStats, proj_dim: int, seed: int) -> SSLModel:
         return SSLModel(stats, proj_dim)
 
 
-def _one_view(x: Tensor, g: torch.Generator) -> Tensor:
-    v = random_resized_crop_flip(x, g)
-    return color_jitter_grayscale(v, g) if x.shape[1] == 3 else v
-
-
 @torch.no_grad()
 def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runtime, seed: int) -> Tensor:
     """A client's correlation matrix ``R_i`` under the current weights.
@@ -110,7 +105,7 @@ def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runti
     acc = torch.zeros(d, d, device=runtime.device, dtype=torch.float64)
     for _ in range(cfg.fedsc_corr_passes):
         for start in range(0, x.shape[0], cfg.fedsc_batch_size * 2):
-            view = _one_view(x[start : start + cfg.fedsc_batch_size * 2], g)
+            view = ssl_view(x[start : start + cfg.fedsc_batch_size * 2], g)
             with runtime.autocast():
                 z = model(runtime.inputs(view)).float()
             z = clip_norm(z, cfg.fedsc_mu).double()

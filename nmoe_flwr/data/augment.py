@@ -127,6 +127,13 @@ def color_jitter_grayscale(
     return x.clamp(0, 255)
 
 
+def ssl_view(x: Tensor, generator: torch.Generator) -> Tensor:
+    """One self-supervised view of a batch: random resized crop and flip, plus
+    colour jitter and grayscale for 3-channel input (float32 in [0, 255])."""
+    v = random_resized_crop_flip(x, generator)
+    return color_jitter_grayscale(v, generator) if x.shape[1] == 3 else v
+
+
 def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Two independently augmented views of a batch (FedSC / SimCLR).
 
@@ -145,10 +152,4 @@ def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     tuple of Tensor
         Two ``(B, C, H, W)`` float32 batches in [0, 255].
     """
-    views = []
-    for _ in range(2):
-        v = random_resized_crop_flip(x, generator)
-        if x.shape[1] == 3:
-            v = color_jitter_grayscale(v, generator)
-        views.append(v)
-    return views[0], views[1]
+    return ssl_view(x, generator), ssl_view(x, generator)

@@ -32,15 +32,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .flwr_process import (
+    TIMEOUT_EXIT_CODE,
     free_port,
     merged_run_config,
     offline_env,
     run_status,
-    stop_tree,
     stream_flwr_run,
     wait_healthy,
     write_run_config,
 )
+from .process_tree import stop_tree, tree_marker
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -99,13 +100,18 @@ def make_auth_keys(folder: Path, name: str) -> tuple[Path, Path]:
 
 @contextmanager
 def _process(cmd: list[str], env: dict[str, str], log: Path):
-    """A child process (logging to ``log``) stopped with its whole tree on exit."""
+    """A child process (logging to ``log``) stopped with its whole tree on exit.
+
+    Each gets its own tree marker, so the ClientApp processes a SuperNode
+    starts are found even when they outlive it (re-parented orphans).
+    """
     fh = log.open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    name, value = tree_marker()
+    proc = subprocess.Popen(cmd, env={**env, name: value}, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
-        stop_tree(proc)
+        stop_tree(proc, marker=f"{name}={value}")
         fh.close()
 
 
@@ -145,24 +151,24 @@ def deploy(
         wait_healthy(
             f"https://127.0.0.1:{port}/health", context=ssl.create_default_context(cafile=str(certs["ca"]))
         )
-        nodes = []
+        # SuperNodes are entered after the SuperLink, so the stack stops them first.
         for i in range(num_nodes):
             private, public = make_auth_keys(workdir / "certs", f"supernode-{i}")
             subprocess.run(["flwr", "supernode", "register", str(public), "loopback"], env=env, check=True,
                            capture_output=True, text=True, timeout=60)
             node_config = (node_configs[i] if node_configs else
                            f'partition-id={i} num-partitions={num_nodes} output-dir="{workdir / f"node-{i}"}"')
-            nodes.append(stack.enter_context(_process([
+            stack.enter_context(_process([
                 "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs["ca"]),
                 "--auth-supernode-private-key", str(private), "--port", str(free_port()), "--node-config", node_config,
-            ], env, workdir / f"supernode-{i}.log")))
+            ], env, workdir / f"supernode-{i}.log"))
         cmd = ["flwr", "run", str(app), "loopback", "--stream", "--run-config", str(config_file)]
-        run_id, _ = stream_flwr_run(cmd, env, app, workdir / "run.log", timeout)
-        if run_id:
+        run_id, code = stream_flwr_run(cmd, env, app, workdir / "run.log", timeout)
+        if code == TIMEOUT_EXIT_CODE:
+            outcome = {"status": "timed-out", "details": f"flwr run did not finish within {timeout:g} s", "run-id": run_id}
+        elif run_id:
             record = run_status({**env}, run_id)
             outcome = {"status": record.get("status"), "details": record.get("status-details"), "run-id": run_id}
-        for node in nodes:  # SuperNodes first, then the SuperLink (ExitStack unwinds in reverse)
-            stop_tree(node)
     outcome["wall-seconds"] = time.perf_counter() - t_start
     results_path = workdir / "server-out" / (run_name or f"run-{outcome.get('run-id')}") / "results.json"
     if results_path.exists():

@@ -1,29 +1,32 @@
 """Processes of Flower's CLI and engines, shared by every ``nmoe-*`` command.
 
 Offline environment, free loopback ports, a simulation SuperLink, streaming
-``flwr run`` with a deadline, reading a run's final status (``flwr run
---stream`` exits 0 even when the run failed), and stopping a whole process
-tree (Flower's SuperLink starts ``flower-superexec`` in its own session and
-Ray under it, so signalling a process group is not enough).
+``flwr run`` with a deadline that holds for a silent run too, and reading a
+run's final status (``flwr run --stream`` exits 0 even when the run failed).
+Every process started here is stopped with its whole tree
+(:mod:`.process_tree`).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
 import re
+import selectors
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tomllib
+
+from .process_tree import stop_tree, tree_marker
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 
@@ -46,54 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (read from /proc).
-
-    Needed because Flower's SuperLink starts ``flower-superexec`` in a new
-    session and Ray's processes run under it: signalling the SuperLink's
-    process group would leave them running.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM ``proc`` and all its descendants, SIGKILL what is left after ``grace`` s."""
-    pids = [proc.pid, *descendants(proc.pid)]  # collected first: orphans get re-parented
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids + descendants(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_healthy(
@@ -122,31 +77,112 @@ def wait_healthy(
             time.sleep(0.2)
 
 
+#: Exit code :func:`stream_flwr_run` returns when it gave up on the command (as coreutils' ``timeout``).
+TIMEOUT_EXIT_CODE = 124
+
+
 def stream_flwr_run(
-    cmd: list[str], env: dict[str, str], cwd: Path, log_file: Path | None, timeout: float
+    cmd: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    log_file: Path | None,
+    timeout: float,
+    *,
+    grace: float = 5.0,
 ) -> tuple[str | None, int]:
-    """Run ``flwr run ... --stream``, echo its output (and to ``log_file``),
-    and return ``(run id or None, exit code)``; killed after ``timeout`` s."""
+    """Run ``cmd`` (``flwr run ... --stream``), echoing its output, within ``timeout`` s.
+
+    Output (stdout and stderr together) goes line by line to stdout and, if
+    given, to ``log_file`` (line-buffered, so ``tail -f`` works). The deadline
+    holds whether or not the command prints anything: once ``timeout`` s have
+    passed, a line saying so is written to both, and the command and every
+    process it started are stopped with :func:`stop_tree` (SIGTERM, SIGKILL
+    after ``grace`` s). The same happens if this function is interrupted
+    (Ctrl-C, ``SystemExit`` from a SIGTERM handler), before the exception
+    propagates.
+
+    Returns
+    -------
+    tuple
+        ``(run id or None, exit code)``: the id from the first ``Successfully
+        started run <id>`` line, and the command's exit status (negative: the
+        signal that ended it), or :data:`TIMEOUT_EXIT_CODE` (124) if it timed
+        out.
+    """
     print("+ " + shlex.join(cmd), flush=True)
+    name, value = tree_marker()
+    marker = f"{name}={value}"
     run_id = None
-    log = log_file.open("w", buffering=1) if log_file else None  # line-buffered: tail -f works
+    log = log_file.open("w", buffering=1) if log_file else None
+
+    def emit(text: str) -> None:
+        nonlocal run_id
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if log:
+            log.write(text)
+        if run_id is None and (m := RUN_ID.search(text)):
+            run_id = m.group(1)
+
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if log:
-                log.write(line)
-            if run_id is None and (m := RUN_ID.search(line)):
-                run_id = m.group(1)
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
-        return run_id, proc.wait()
+        # Its own session, so that what it starts can be told from ours and stopped with it
+        # (and a terminal's Ctrl-C reaches us, which then stops it, instead of racing us).
+        proc = subprocess.Popen(
+            cmd, env={**env, name: value}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=cwd, start_new_session=True,
+        )
+        try:
+            code = _pump(proc, emit, time.monotonic() + timeout)
+        except BaseException:
+            stop_tree(proc, grace, marker=marker)
+            raise
+        if code is None:
+            emit(f"[nmoe] {shlex.join(cmd[:2])} timed out after {timeout:g} s: stopping it and its processes\n")
+            stop_tree(proc, grace, marker=marker)
+            _pump(proc, emit, time.monotonic() + 1.0)  # what it printed while being stopped
+            code = TIMEOUT_EXIT_CODE
+        return run_id, code
     finally:
         if log:
             log.close()
+
+
+def _pump(proc: subprocess.Popen, emit: Callable[[str], None], deadline: float) -> int | None:
+    """Pass ``proc``'s output to ``emit``, whole lines at a time, until it has exited.
+
+    Returns its exit code, or None at ``deadline`` (a partial last line is
+    passed on first). Never blocks past ``deadline``: the pipe is only read
+    when ``select`` says it has data, and the final wait is bounded too.
+    """
+    assert proc.stdout is not None
+    if not proc.stdout.closed:
+        fd = proc.stdout.fileno()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending, eof = "", False
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while not eof and (remaining := deadline - time.monotonic()) > 0:
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                eof = not chunk
+                pending += decoder.decode(chunk, final=eof)
+                # Universal newlines, as text mode does; a trailing "\r" may be half of a "\r\n".
+                hold = "\r" if pending.endswith("\r") and not eof else ""
+                *lines, rest = pending[: len(pending) - len(hold)].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                pending = rest + hold
+                if lines:
+                    emit("".join(f"{line}\n" for line in lines))
+        if pending:
+            emit(pending.rstrip("\r") + "\n")
+        if not eof:
+            return None
+        proc.stdout.close()
+    # Output closed; the process itself may still be finishing, or hang on silently.
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def write_run_config(merged: dict, path: Path) -> Path:
@@ -160,8 +196,17 @@ def write_run_config(merged: dict, path: Path) -> Path:
 
 @contextlib.contextmanager
 def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
-    """Start a simulation SuperLink on free ports; yield the env that points
-    ``flwr``'s ``:local:`` connection at it; stop it and its children after."""
+    """Start a simulation SuperLink on free ports and stop its whole tree after.
+
+    Yields
+    ------
+    dict
+        ``env`` plus the variables that point ``flwr``'s ``:local:``
+        connection at this SuperLink. On leaving the block (also on errors),
+        the SuperLink, SuperExec, ServerApp and all of Ray's processes have
+        exited (:func:`stop_tree`; raises :class:`ProcessTreeError` if some
+        did not even after SIGKILL).
+    """
     http_port, control_port = free_port(), free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -171,8 +216,13 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
         "--database", str(workdir / "state.db"),
         "--log-file", str(workdir / "superlink.log"),
     ]
+    # The marker reaches SuperExec, the ServerApp and every Ray process (they inherit the
+    # SuperLink's environment), so stop_tree finds them even once re-parented; it is not in
+    # the yielded environment, which `flwr run`/`flwr ls` use and which are not ours to stop.
+    name, value = tree_marker()
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, env={**env, name: value}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_healthy(f"http://127.0.0.1:{http_port}/health", timeout, proc=proc, log=workdir / "superlink.log")
@@ -182,7 +232,7 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         }
     finally:
-        stop_tree(proc)
+        stop_tree(proc, marker=f"{name}={value}")
 
 
 def merged_run_config(run_config: str | None, overrides: list[str] | None = None) -> dict:
@@ -216,7 +266,7 @@ def run_status(env: dict[str, str], run_id: str, timeout: float = 120.0) -> dict
     while True:
         out = subprocess.run(
             ["flwr", "ls", "--run-id", run_id, "--format", "json"],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env, capture_output=True, text=True, timeout=60, check=False,
         )
         try:
             runs = json.loads(out.stdout).get("runs", [])

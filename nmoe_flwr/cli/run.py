@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .flwr_process import (
+    TIMEOUT_EXIT_CODE,
     local_superlink,
     merged_run_config,
     offline_env,
@@ -72,6 +73,8 @@ def launch(
     t0 = time.perf_counter()
     with local_superlink(env, flwr_home / "superlink") as link_env:
         run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
+        if code == TIMEOUT_EXIT_CODE:
+            return "timed-out", {"status": "timed-out", "run-id": run_id, "status-details": f"no result within {timeout:g} s"}
         if run_id is None:
             return "not-started", {"status": "not-started", "status-details": f"flwr run exited {code}"}
         record = run_status(link_env, run_id)

@@ -7,6 +7,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from nmoe_flwr import client_app
+from nmoe_flwr.algorithms.fedce import new_classifier
+from nmoe_flwr.algorithms.fedsc import new_ssl_model
+from nmoe_flwr.algorithms.gate import new_gate
+from nmoe_flwr.algorithms.seeding import derive_seed
 from nmoe_flwr.client_app import ClientEnv
 from nmoe_flwr.config import parse_run_config
 from nmoe_flwr.constants import (
@@ -18,12 +22,8 @@ from nmoe_flwr.constants import (
     SERVER_ROUND,
     SHARED_PREFIXES,
 )
-from nmoe_flwr.records import bank_to_record, from_record, to_record
-from nmoe_flwr.algorithms.seeding import derive_seed
-from nmoe_flwr.algorithms.fedce import new_classifier
-from nmoe_flwr.algorithms.fedsc import new_ssl_model
-from nmoe_flwr.algorithms.gate import new_gate
 from nmoe_flwr.data import dataset_spec
+from nmoe_flwr.records import bank_to_record, from_record, to_record
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -102,6 +102,7 @@ def test_client_stages_in_process(run_config):
 
     reply = client_app.train_expert(_msg(RecordDict({ARRAYS: reply.content[ARRAYS], CONFIG: ConfigRecord()}), "train.expert"), ctx)
     expert = from_record(reply.content[ARRAYS])
+    expert_accuracy = reply.content[METRICS]["expert-accuracy"]
     client_app.store_expert_bank(_msg(RecordDict({EXPERT_BANK: bank_to_record({0: expert, 1: expert})}), "query.expert_bank"), ctx)
 
     gate_shared = {k: v for k, v in new_gate(cfg.mlp_hidden, cfg.num_clients, 0).state_dict().items() if k.startswith("shared.")}
@@ -110,9 +111,17 @@ def test_client_stages_in_process(run_config):
     assert set(from_record(reply.content[ARRAYS])) == set(gate_shared)
     assert set(ctx.state[client_app.LOCAL_GATE].keys()) == {"decision.weight", "decision.bias"}
 
-    reply = client_app.evaluate_nmoe(_msg(RecordDict({ARRAYS: reply.content[ARRAYS], CONFIG: ConfigRecord()}), "evaluate.nmoe"), ctx)
+    gate_arrays = reply.content[ARRAYS]
+    reply = client_app.evaluate_nmoe(_msg(RecordDict({ARRAYS: gate_arrays, CONFIG: ConfigRecord()}), "evaluate.nmoe"), ctx)
     metrics = reply.content[METRICS]
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["routed-to-neighbour"] <= 1.0
+    # Both bank entries are this client's expert, so NMoE answers exactly as the expert alone.
+    assert metrics["accuracy"] == pytest.approx(expert_accuracy, abs=1e-12)
+    # Routed away: the samples whose top-1 expert (by this client's gate) is not its own (1).
+    g = new_gate(cfg.mlp_hidden, cfg.num_clients, 0)
+    g.load_state_dict({**from_record(gate_arrays), **from_record(ctx.state[client_app.LOCAL_GATE])})
+    with torch.no_grad():
+        top = g(ClientEnv.of(ctx).store.latents("test")).argmax(1)
+    assert metrics["routed-to-neighbour"] == pytest.approx(float((top != 1).float().mean()), abs=1e-12)
     assert metrics["num-examples"] == 20
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from pydantic import ValidationError
 
 from nmoe_flwr.config import ConfigError, RunConfig, parse_run_config, valid_keys
 
@@ -48,6 +49,9 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_config_is_frozen():
+    """Assigning to a field of a parsed config is refused and leaves the value unchanged."""
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen") as info:
         cfg.tau = 0.5  # type: ignore[misc]
+    assert [e["type"] for e in info.value.errors()] == ["frozen_instance"]
+    assert cfg.tau == 0.1

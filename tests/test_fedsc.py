@@ -7,6 +7,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from nmoe_flwr.algorithms.fedsc import alpha_at, clip_norm, correlation, spectral_loss
+from nmoe_flwr.algorithms.privacy import (
+    GaussianMechanism,
+    correlation_sensitivity,
+    privatize,
+)
 from nmoe_flwr.constants import (
     ALPHA,
     CORRELATION,
@@ -16,8 +22,6 @@ from nmoe_flwr.constants import (
     R_EXT_KEY,
 )
 from nmoe_flwr.data.augment import two_views
-from nmoe_flwr.algorithms.privacy import GaussianMechanism, correlation_sensitivity, privatize
-from nmoe_flwr.algorithms.fedsc import alpha_at, clip_norm, correlation, spectral_loss
 from nmoe_flwr.strategies import CorrelationEntry, FedSC, external_correlation
 
 

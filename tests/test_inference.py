@@ -12,12 +12,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20, nmoe_combine, route
 from nmoe_flwr.data.registry import PixelStats
 from nmoe_flwr.inference.checkpoint import load_checkpoint, write_checkpoint
 from nmoe_flwr.inference.router import GrpcTransport, InProcessTransport, Router
 from nmoe_flwr.inference.server import PREDICT
 from nmoe_flwr.inference.wire import WireError, decode, encode
-from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20, nmoe_combine, route
 
 TOKEN = "s3cret-deployment-token"
 N = 4  # experts / devices

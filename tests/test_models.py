@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.data.registry import PixelStats
 from nmoe_flwr.algorithms.models import (
     MLP,
     CentralizedMoE,
@@ -18,6 +17,7 @@ from nmoe_flwr.algorithms.models import (
     num_parameters,
     route,
 )
+from nmoe_flwr.data.registry import PixelStats
 
 
 @pytest.mark.parametrize(("channels", "size", "params"), [(3, 32, 269_072), (1, 28, 268_784)])

@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.data.augment import random_crop_flip
 from nmoe_flwr.algorithms.models import MLP, Gate
-from nmoe_flwr.records import bank_from_record, bank_to_record, from_record, to_record
 from nmoe_flwr.algorithms.training import (
     Runtime,
     ce_loss,
@@ -17,6 +15,8 @@ from nmoe_flwr.algorithms.training import (
     make_optimizers,
     normalize_gradients,
 )
+from nmoe_flwr.data.augment import random_crop_flip
+from nmoe_flwr.records import bank_from_record, bank_to_record, from_record, to_record
 
 CPU = Runtime(torch.device("cpu"))
 

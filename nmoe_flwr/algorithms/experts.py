@@ -66,7 +66,8 @@ def out_of_fold_probs(
     k = cfg.gate_oof_folds
     order = torch.randperm(latents.shape[0], generator=generator(seed), device="cpu").to(latents.device)
     probs = torch.empty(latents.shape[0], 0, device=latents.device)
-    for fold, held in enumerate(order.chunk(k)):
+    # tensor_split always gives k folds (sizes differ by at most one); chunk may give fewer.
+    for fold, held in enumerate(order.tensor_split(k)):
         keep = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
         keep[held] = False
         expert = runtime.prepare(make_expert())

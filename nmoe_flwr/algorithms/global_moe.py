@@ -56,7 +56,8 @@ class MoERoundFeedback:
         after training (top-1).
     improvement : dict
         Assigned expert -> relative loss improvement ``(l_before - l_after) /
-        l_before`` on the samples routed to it (0 where ``l_before`` is 0).
+        l_before`` on the samples routed to it (0 where it had no samples
+        before or after, or ``l_before`` is 0).
     routing_share : list of float
         Length-E share of the samples the *unrestricted* router sends to
         each expert (the client's preference).
@@ -95,9 +96,17 @@ def train_moe_round(
     return MoERoundFeedback(
         stats=stats,
         routed={j: after[j][1] for j in allowed},
-        improvement={j: (before[j][0] - after[j][0]) / before[j][0] if before[j][0] > 0 else 0.0 for j in allowed},
+        improvement={j: _relative_gain(before[j], after[j]) for j in allowed},
         routing_share=share.cpu().tolist(),
     )
+
+
+def _relative_gain(before: tuple[float, int], after: tuple[float, int]) -> float:
+    """``(l_before - l_after) / l_before`` of one expert, 0 unless it had samples
+    (and a positive loss) both before and after: an expert the router stopped
+    using did not improve, it lost its samples."""
+    (l0, n0), (l1, n1) = before, after
+    return (l0 - l1) / l0 if n0 and n1 and l0 > 0 else 0.0
 
 
 @torch.no_grad()

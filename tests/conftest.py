@@ -1,8 +1,11 @@
 """Shared fixtures."""
 
+import gzip
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -31,3 +34,18 @@ def processes_mentioning(text: str) -> list[str]:
             if state != "Z" and (text in cmd or text in env):
                 found.append(f"{proc.name}: {cmd[:120]}")
     return found
+
+
+def write_learnable_fmnist(folder: Path, n_train: int = 400, n_test: int = 200, seed: int = 0) -> Path:
+    """A Fashion-MNIST-shaped IDX folder (train and t10k, gzipped) whose images
+    depend on the label, so that a few steps learn something."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return folder

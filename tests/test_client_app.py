@@ -1,9 +1,9 @@
 """ClientApp handlers called directly (no Flower runtime): node-config checks,
 and one FedCE round + NMoE stages on a tiny synthetic data set."""
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_learnable_fmnist
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from nmoe_flwr import client_app
@@ -30,27 +30,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 FMNIST_STATS = dataset_spec("fashion-mnist").pixel_stats
 
 
-def _write_idx(folder, split, n, rng):
-    import gzip
-    import struct
-
-    prefix = "train" if split == "train" else "t10k"
-    labels = np.arange(n, dtype=np.uint8) % 10
-    # Class-dependent images so that something is learnable.
-    images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
-        fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
-        fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
-
-
 @pytest.fixture
 def run_config(tmp_path):
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    _write_idx(data, "train", 400, rng)
-    _write_idx(data, "test", 200, rng)
+    data = write_learnable_fmnist(tmp_path / "fmnist")
     return {
         "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "unit",
         "num-clients": 2, "train-per-client": 40, "test-per-client": 20, "batch-size": 16,

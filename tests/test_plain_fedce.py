@@ -2,12 +2,10 @@
 gives the same numbers as the Flower path: the real ``PartialFedAvg.start`` driving
 the real ClientApp through an in-process Grid."""
 
-import gzip
-import struct
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_learnable_fmnist
 from flwr.app import ConfigRecord, Message, RecordDict
 from inprocess_grid import InProcessGrid
 
@@ -40,23 +38,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 ROUNDS = 2
 
 
-def _write_idx(folder, prefix, n, rng):
-    """A Fashion-MNIST-shaped IDX pair whose images depend on the label (learnable)."""
-    labels = np.arange(n, dtype=np.uint8) % 10
-    images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
-        fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
-        fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
-
-
 @pytest.fixture
 def run_config(tmp_path):
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    _write_idx(data, "train", 400, rng)
-    _write_idx(data, "t10k", 200, rng)
+    data = write_learnable_fmnist(tmp_path / "fmnist")
     threads = torch.get_num_threads()
     yield {
         "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "plain-vs-flwr",

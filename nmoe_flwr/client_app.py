@@ -19,8 +19,9 @@ from .algorithms import experts, fedce, fedsc, gate, global_moe
 from .algorithms.models import MLP, ResNet20
 from .algorithms.privacy import GaussianMechanism, privatize
 from .algorithms.probes import knn_metrics
+from .algorithms.routing import class_owners, oracle_predictions, routing_diagnostics
 from .algorithms.seeding import derive_seed, generator
-from .algorithms.training import DeviceData, FitStats, evaluate
+from .algorithms.training import DeviceData, FitStats, classification_metrics, evaluate
 from .client_state import ClientEnv, load_partial, split_partial
 from .constants import (
     ALPHA,
@@ -60,6 +61,7 @@ from .constants import (
     NUM_ROUNDS,
     NUM_TEST,
     NUM_TRAIN,
+    ORACLE_PREFIX,
     PARTITION_ID,
     R_EXT_KEY,
     ROUTING_SHARE,
@@ -68,6 +70,7 @@ from .constants import (
     SHARED_PREFIXES,
     TRAIN_ACC,
     TRAIN_LOSS,
+    TRAIN_PREFIX,
     moe_expert_prefix,
 )
 from .data import ClientSplits
@@ -373,27 +376,44 @@ def train_gate(msg: Message, context: Context) -> Message:
     if own_oof is not None:
         probs[:, env.partition_id] = own_oof.to(probs.device)
     g = _gate(env, msg, context)
+    labels = split.train.labels.to(rt.device)
     stats = gate.train_gate(
-        g, latents, split.train.labels.to(rt.device), probs, env.cfg, rt,
-        server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
+        g, latents, labels, probs, env.cfg, rt, server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
     )
-    return _reply(msg, _fit_metrics(stats), split_partial(g, _prefixes(msg), context, LOCAL_GATE))
+    metrics = _fit_metrics(stats)
+    owners = _owners(env, split.train.num_classes)
+    if owners is not None:  # where the trained gate sends its own training samples
+        g.eval()
+        with torch.no_grad():
+            top1 = g(latents).argmax(1)
+        diag = routing_diagnostics(top1, labels, env.partition_id, owners, split.train.num_classes)
+        metrics |= {TRAIN_PREFIX + k: v for k, v in diag.items()}
+    return _reply(msg, metrics, split_partial(g, _prefixes(msg), context, LOCAL_GATE))
+
+
+def _owners(env: ClientEnv, num_classes: int) -> dict[int, list[int]] | None:
+    """Class owners under label skew; ``None`` for an IID partition (no owners)."""
+    return class_owners(env.cfg.num_clients, num_classes) if env.cfg.partition == "dominant" else None
 
 
 @app.evaluate(_name(MSG_EVAL_NMOE))
 def evaluate_nmoe(msg: Message, context: Context) -> Message:
     """NMoE prediction on this client's test set: its gate picks the top-k of
-    all clients' experts; reports accuracy, macro-F1, share routed away.
+    all clients' experts; reports accuracy, macro-F1, share routed away and,
+    under label skew, the routing diagnostics and the two oracle routings.
     Also writes this client's inference checkpoint."""
     env = ClientEnv.of(context)
     split = env.splits()
     num_classes = split.test.num_classes
     bank = _frozen_bank(env, num_classes)
     g = _gate(env, msg, context)
-    metrics = nmoe_metrics(
-        g, bank, env.store.latents("test").to(env.runtime.device), split.test.labels.to(env.runtime.device),
-        env.partition_id, num_classes, env.cfg.top_k,
-    )
+    latents, labels = env.store.latents("test").to(env.runtime.device), split.test.labels.to(env.runtime.device)
+    owners = _owners(env, num_classes)
+    metrics = nmoe_metrics(g, bank, latents, labels, env.partition_id, num_classes, env.cfg.top_k, owners)
+    if owners is not None:  # ideal routings over the same bank (they look at the label)
+        probs = gate.bank_probs(bank, latents)
+        for name, pred in oracle_predictions(probs, labels, env.partition_id, owners).items():
+            metrics |= {f"{ORACLE_PREFIX}{name}-{k}": v for k, v in classification_metrics(pred, labels, num_classes).items()}
     _write_checkpoint(env, g, bank[env.partition_id], split)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 

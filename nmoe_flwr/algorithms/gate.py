@@ -5,6 +5,13 @@ mixture NLL under noisy top-k routing on precomputed expert answers, with
 Muon for its weight matrices and per-tensor gradient normalization (NMoE
 paper, Sec. III-C). The server averages its shallow layers
 (:class:`nmoe_flwr.strategies.PartialFedAvg` over ``shared.``).
+
+Ours, not the paper's: an optional direct routing target
+(``gate-route-weight``), a cross entropy pulling the gate's logits toward
+the expert most confident on the true label (:func:`routing_targets`). The
+mixture NLL alone moves an expert's logit in proportion to that expert's
+current gate weight, so a gate that starts on the own expert rarely learns
+to send minority samples away.
 """
 
 from __future__ import annotations
@@ -36,15 +43,29 @@ def bank_probs(experts: Sequence[nn.Module], latents: Tensor) -> Tensor:
     return torch.stack([e(latents).float().softmax(-1) for e in experts], dim=1)
 
 
-def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator) -> LossFn:
-    """Loss of the gate on ``(latents, labels, bank probs)``: mixture NLL under
-    noisy top-``train_k`` routing with noise of std ``noise_std``."""
+def routing_targets(probs: Tensor, labels: Tensor) -> Tensor:
+    """``(N,)`` the expert most confident on each sample's true label,
+    ``argmax_j p_j(y | h)`` over ``(N, n, C)`` bank probabilities."""
+    return probs.gather(2, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2).argmax(1)
+
+
+def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator, route_weight: float = 0.0) -> LossFn:
+    """Loss of the gate on ``(latents, labels, bank probs)``.
+
+    ``-log sum_j w_j p_j(y | h)`` under noisy top-``train_k`` routing with
+    noise of std ``noise_std`` (the paper's objective), plus
+    ``route_weight * CE(gate logits, routing_targets)`` when ``route_weight > 0``.
+    """
 
     def loss_fn(gate: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         h, y, probs = batch
-        weights, index = route(gate(h), train_k, noise_std, noise_gen)
+        logits = gate(h)
+        weights, index = route(logits, train_k, noise_std, noise_gen)
         mix = mixture_probs(weights.float(), index, probs)
-        return mixture_nll(mix, y), (mix.argmax(1) == y).sum()
+        loss = mixture_nll(mix, y)
+        if route_weight > 0:
+            loss = loss + route_weight * nn.functional.cross_entropy(logits.float(), routing_targets(probs, y))
+        return loss, (mix.argmax(1) == y).sum()
 
     return loss_fn
 
@@ -65,11 +86,13 @@ def train_gate(
 
     Muon for the gate's weight matrices and AdamW for its biases (or AdamW
     for all, ``gate-optimizer``), per-tensor gradient normalization when
-    ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds.
+    ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds,
+    the routing target weighted by ``gate-route-weight`` (ours).
     """
     opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
     start = (server_round - 1) / num_rounds
-    loss_fn = gate_loss(cfg.train_k, cfg.gate_noise, generator(derive_seed(seed, "noise"), runtime.device))
+    noise = generator(derive_seed(seed, "noise"), runtime.device)
+    loss_fn = gate_loss(cfg.train_k, cfg.gate_noise, noise, cfg.gate_route_weight)
     return fit(
         gate, loss_fn, (latents, labels, probs),
         epochs=cfg.gate_local_epochs, batch_size=cfg.batch_size, optimizers=opts, runtime=runtime,

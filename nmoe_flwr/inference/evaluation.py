@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..algorithms.models import Gate
+from ..algorithms.routing import routing_diagnostics
 from ..algorithms.training import classification_metrics
 from ..constants import BYTES_PER_SAMPLE, ROUTED_TO_NEIGHBOUR
 from .router import InProcessTransport, Router
@@ -22,6 +23,7 @@ def nmoe_metrics(
     own_expert: int,
     num_classes: int,
     k: int,
+    owners: Mapping[int, Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """NMoE prediction with plain top-k routing over all experts.
 
@@ -34,7 +36,9 @@ def nmoe_metrics(
     dict
         Accuracy, macro-F1, the share of samples that must leave the device
         (at least one picked expert is a neighbour's) and bytes sent per
-        sample.
+        sample; with ``owners`` (label skew) also where the top-1 expert of
+        minority and dominant samples is
+        (:func:`~nmoe_flwr.algorithms.routing.routing_diagnostics`).
     """
     gate.eval()
     router = Router(gate, own_expert, experts[own_expert], InProcessTransport(dict(enumerate(experts))), k=k)
@@ -43,6 +47,8 @@ def nmoe_metrics(
     finally:
         router.close()
     metrics = classification_metrics(batch.probs.argmax(1), labels, num_classes)
+    if owners is not None:
+        metrics.update(routing_diagnostics(batch.experts[:, 0], labels, own_expert, owners, num_classes))
     metrics[ROUTED_TO_NEIGHBOUR] = float((batch.experts != own_expert).any(dim=1).float().mean())
     metrics[BYTES_PER_SAMPLE] = batch.bytes_sent / max(latents.shape[0], 1)
     return metrics

@@ -23,16 +23,19 @@ from ..constants import (
     ACCURACY,
     ARRAYS,
     BYTES_PER_SAMPLE,
+    DOMINANT_SENT_AWAY,
     EXPERT_BANK,
     EXPERT_METRIC_PREFIX,
     GATE_DECISION_PREFIX,
     GATE_SHARED_PREFIX,
     MACRO_F1,
+    MINORITY_TO_OWNER,
     MSG_EVAL_NMOE,
     MSG_EVAL_PROBE,
     MSG_EXPERT,
     MSG_EXPERT_BANK,
     MSG_GATE,
+    ORACLE_PREFIX,
     ROUTED_TO_NEIGHBOUR,
 )
 from ..records import bank_to_record, from_record
@@ -62,9 +65,27 @@ def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
     bank = train_experts(fed, rec, extractor)
     gate = train_gates(fed, rec, bank)
     per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE))
-    rec.result("nmoe", per_client, mean_over_clients(per_client, (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE)))
+    for oracle in ORACLE_ROUTINGS:
+        prefix = f"{ORACLE_PREFIX}{oracle}-"
+        scores = {pid: strip_metric_prefix(m, prefix) for pid, m in per_client.items()}
+        if all(scores.values()):
+            rec.result(f"{ORACLE_PREFIX}{oracle}", scores, mean_over_clients(scores))
+    nmoe = {pid: {k: v for k, v in m.items() if not k.startswith(ORACLE_PREFIX)} for pid, m in per_client.items()}
+    rec.result("nmoe", nmoe, mean_over_clients(nmoe, NMOE_KEYS))
     rec.save()
     run_baselines(fed, rec)
+
+
+NMOE_KEYS = (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE, MINORITY_TO_OWNER, DOMINANT_SENT_AWAY)
+"""What the NMoE row of results.json averages over clients."""
+
+ORACLE_ROUTINGS = ("class-owner", "best-expert")
+"""Oracle routings the clients score (:func:`nmoe_flwr.algorithms.routing.oracle_predictions`)."""
+
+
+def strip_metric_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics named ``prefix + key``, as ``key``."""
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
@@ -73,10 +94,7 @@ def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> 
     replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     metrics = metrics_of(replies)
-    own = {
-        pid: {k.removeprefix(EXPERT_METRIC_PREFIX): v for k, v in m.items() if k.startswith(EXPERT_METRIC_PREFIX)}
-        for pid, m in metrics.items()
-    }
+    own = {pid: strip_metric_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
     rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()}})
     rec.result("personalized-expert", own, mean_over_clients(own))
     rec.save()

@@ -33,6 +33,8 @@ METHODS = {
     "fedce-classifier": "FedCE end-to-end classifier",
     "local-classifier": "local classifier",
     "centralized-moe": "centralized MoE (upper bound)",
+    "oracle-class-owner": "oracle: route to the class owner",
+    "oracle-best-expert": "oracle: route to the best expert",
     "extractor-knn": "extractor kNN probe (stage 1)",
     "alignment-global-moe": "global MoE (expert assignment)",
 }

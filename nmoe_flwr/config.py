@@ -72,6 +72,7 @@ class RunConfig(BaseModel):
     fe_method: Literal[FE_METHODS] = "fedce"
     fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per FedSC round
     knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe of the extractor
+    pooled_probe: bool = True  # probes on all clients' data pooled, with floors, and the router ceiling (server-side)
     fedce_rounds: int = Field(30, ge=1)
     fedce_local_epochs: int = Field(1, ge=1)
     fedce_average_head: bool = True

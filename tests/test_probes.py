@@ -22,7 +22,8 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.algorithms.probes import knn_metrics
+from nmoe_flwr.algorithms.probes import class_balanced, knn_metrics, prior_adjusted, probe_features, router_ceiling
+from nmoe_flwr.algorithms.training import Runtime
 
 TRAIN = [(20, 0, 1.0), (70, 0, 3.0), (110, 1, 0.5), (160, 1, 2.0), (250, 2, 1.5), (290, 3, 0.25), (340, 3, 4.0)]
 TEST = [(30, 0, 2.0), (95, 1, 1.0), (85, 0, 0.3), (195, 2, 5.0), (300, 3, 1.0), (255, 2, 0.7)]
@@ -75,3 +76,52 @@ def test_only_the_direction_of_a_latent_matters():
     b2 = b * (0.1 + 10 * torch.rand(b.shape[0], 1, generator=g))
     for k in (1, 3):
         assert knn_metrics(a2, ya, b2, yb, 4, k) == knn_metrics(a, ya, b, yb, 4, k)
+
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def test_prior_adjustment_by_hand():
+    """p_i(y|h) ∝ p(y|h) pi_i(y) / pi(y): a flat posterior takes the client's prior."""
+    probs = torch.tensor([[0.5, 0.5], [0.8, 0.2]])
+    out = prior_adjusted(probs, torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5]))
+    assert out[0].tolist() == pytest.approx([0.9, 0.1])
+    assert out[1].tolist() == pytest.approx([0.72 / 0.74, 0.02 / 0.74])
+
+
+def test_class_balanced_cuts_every_class_to_the_rarest():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 1, 0])
+    idx = class_balanced(labels, 3, seed=0)
+    assert torch.bincount(labels[idx], minlength=3).tolist() == [2, 2, 2]
+    assert idx.tolist() == sorted(set(idx.tolist()))
+
+
+def _blobs(n_per_class: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.eye(4)[:3] * 6.0
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    return centers[y] + torch.randn(y.numel(), 4, generator=g), y
+
+
+def test_probes_separate_separable_features_and_fail_on_noise():
+    """On well-separated blobs every probe is near perfect; on pure noise none beats chance by much."""
+    h, y = _blobs(60, 0)
+    ht, yt = _blobs(30, 1)
+    good = probe_features(h, y, ht, yt, 3, CPU, k=5, hidden=16, seed=0, steps=150)
+    assert set(good) == {f"{p}-{t}-{m}" for p in ("knn", "linear", "mlp") for t in ("pooled", "balanced") for m in ("accuracy", "macro-f1")}
+    assert min(v for k, v in good.items() if k.endswith("accuracy")) > 0.95
+    g = torch.Generator().manual_seed(2)
+    noise = probe_features(torch.randn(180, 4, generator=g), y, torch.randn(90, 4, generator=g), yt, 3, CPU, k=5, hidden=16, seed=0, steps=150)
+    assert max(v for k, v in noise.items() if k.endswith("accuracy")) < 0.6
+
+
+def test_router_ceiling_uses_each_clients_prior():
+    """Features that carry no class information: the ceiling predicts each client's dominant class."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat(100)
+    h = torch.randn(200, 3, generator=g)
+    tests = [(torch.randn(50, 3, generator=g), torch.zeros(50, dtype=torch.long)),
+             (torch.randn(50, 3, generator=g), torch.ones(50, dtype=torch.long))]
+    priors = [torch.tensor([0.9, 0.1]), torch.tensor([0.1, 0.9])]
+    out = router_ceiling(h, y, tests, priors, 2, CPU, hidden=0, seed=0, steps=150)  # linear: cannot memorise noise
+    assert [o["accuracy"] for o in out] == [1.0, 1.0]

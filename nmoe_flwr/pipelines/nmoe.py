@@ -42,6 +42,7 @@ from ..records import bank_to_record, from_record
 from .baselines import run_baselines
 from .extractor import train_extractor
 from .messaging import Federation, metrics_of, weights_message
+from .probes import pooled_probes
 from .results import RunRecorder
 
 GATE_SHARED_PREFIXES = {
@@ -60,6 +61,9 @@ def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
     )
     rec.result("extractor-knn", per_client, mean_over_clients(per_client))
     rec.save()
+    if fed.cfg.pooled_probe:
+        rec.timed("pooled-probe", lambda: pooled_probes(fed, rec, extractor))
+        rec.save()
     if fed.cfg.stages == "fe":
         return
     bank = train_experts(fed, rec, extractor)

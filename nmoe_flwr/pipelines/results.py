@@ -33,6 +33,7 @@ METHODS = {
     "fedce-classifier": "FedCE end-to-end classifier",
     "local-classifier": "local classifier",
     "centralized-moe": "centralized MoE (upper bound)",
+    "router-ceiling": "router ceiling (pooled, client prior)",
     "oracle-class-owner": "oracle: route to the class owner",
     "oracle-best-expert": "oracle: route to the best expert",
     "extractor-knn": "extractor kNN probe (stage 1)",

@@ -55,6 +55,13 @@ def test_smoke_results_are_complete_and_above_chance(smoke_run):
     assert nmoe["accuracy"] > 0.5  # chance is 0.1 over 10 classes
     per_client = results["results"]["nmoe"]["per-client"]
     assert nmoe["routed-to-neighbour"] == pytest.approx(sum(c["routed-to-neighbour"] for c in per_client.values()) / 4, rel=1e-12)
+    # Routing diagnostics, oracles, the router ceiling and the pooled probes with their floors (issue 10).
+    assert {"minority-to-owner", "dominant-sent-away"} <= set(nmoe)
+    for method in ("oracle-class-owner", "oracle-best-expert", "router-ceiling"):
+        assert set(results["results"][method]["per-client"]) == {"0", "1", "2", "3"}, method
+    probe = results["stages"]["pooled-probe"]
+    assert probe["train-samples"] == 4 * 300 and set(probe) >= {"raw-pixels", "random-init", "extractor"}
+    assert probe["raw-pixels"]["knn-pooled-accuracy"] > 0.5
     for stage in ("stage1-fedce", "stage2-experts", "stage3-gate", "eval-nmoe", "total"):
         assert results["timings-s"][stage] > 0
     rows = (folder / "rounds.csv").read_text().splitlines()

@@ -33,9 +33,9 @@ METHODS = {
     "fedce-classifier": "FedCE end-to-end classifier",
     "local-classifier": "local classifier",
     "centralized-moe": "centralized MoE (upper bound)",
-    "router-ceiling": "router ceiling (pooled, client prior)",
-    "oracle-class-owner": "oracle: route to the class owner",
-    "oracle-best-expert": "oracle: route to the best expert",
+    "router-ceiling": "router ceiling (pooled MLP)",
+    "oracle-class-owner": "oracle routing: class owner",
+    "oracle-best-expert": "oracle routing: best expert",
     "extractor-knn": "extractor kNN probe (stage 1)",
     "alignment-global-moe": "global MoE (expert assignment)",
 }

@@ -9,6 +9,7 @@ the server's messages and the client's handlers cannot drift apart.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -36,6 +37,7 @@ from .constants import (
     EXPERT_ROUTED,
     EXTRACTOR_PREFIX,
     HEAD_PREFIX,
+    IID_PREFIX,
     IN_CHANNELS,
     METRICS,
     MOE_GATE_PREFIX,
@@ -73,7 +75,7 @@ from .constants import (
     TRAIN_PREFIX,
     moe_expert_prefix,
 )
-from .data import ClientSplits
+from .data import ClientSplits, ImageSet
 from .inference.checkpoint import write_checkpoint
 from .inference.evaluation import nmoe_metrics
 from .records import (
@@ -110,6 +112,18 @@ def _fit_metrics(stats: FitStats) -> dict[str, float | int]:
 
 def _prefixes(msg: Message) -> list[str]:
     return [str(p) for p in msg.content[CONFIG].get(SHARED_PREFIXES, [])]
+
+
+LATENT_PARTS = {"": "test", IID_PREFIX: "test-iid"}
+"""Metric prefix of a test setting -> its part in the client's cached latents."""
+
+
+def _on_tests(split: ClientSplits, score: Callable[[str, ImageSet], dict[str, float]]) -> dict[str, float]:
+    """``score(prefix, test set)`` on the configured test set (no prefix) and,
+    under label skew, on the IID one (``iid-`` prefix): the paper's two test
+    settings from one run."""
+    tests = {"": split.test, IID_PREFIX: split.test_iid}
+    return {p + k: v for p, data in tests.items() if data is not None for k, v in score(p, data).items()}
 
 
 @app.query(_name(MSG_INFO))
@@ -157,9 +171,12 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     model = _classifier(env, split)
     load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
-    test = DeviceData.of(split.test, env.runtime)
-    metrics = fedce.classifier_metrics(model, test, split.test.num_classes, env.cfg.batch_size * 4, env.runtime)
+    metrics = _on_tests(split, lambda _, data: _classifier_scores(env, model, data))
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
+
+
+def _classifier_scores(env: ClientEnv, model: nn.Module, data: ImageSet) -> dict[str, float]:
+    return fedce.classifier_metrics(model, DeviceData.of(data, env.runtime), data.num_classes, env.cfg.batch_size * 4, env.runtime)
 
 
 def _ssl_model(env: ClientEnv, split: ClientSplits, msg: Message) -> fedsc.SSLModel:
@@ -242,8 +259,9 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
 def _freeze_extractor(env: ClientEnv, split: ClientSplits, model: nn.Module) -> dict[str, torch.Tensor]:
     """Latents of the frozen extractor for the train and test sets, computed once
     and kept in the client's store (with the extractor) for the later stages."""
-    latents = {name: _latents_of(env, model.extractor, data.images).cpu() for name, data in (("train", split.train), ("test", split.test))}
-    env.store.save_latents(latents["train"], latents["test"])
+    parts = {"train": split.train, "test": split.test, "test-iid": split.test_iid}
+    latents = {name: _latents_of(env, model.extractor, data.images).cpu() for name, data in parts.items() if data is not None}
+    env.store.save_latents(latents)
     env.store.save_extractor(model.extractor.state_dict())
     return latents
 
@@ -268,13 +286,15 @@ def train_expert(msg: Message, context: Context) -> Message:
         return expert
 
     expert = rt.prepare(make_expert())
-    y_train, y_test = split.train.labels.to(rt.device), split.test.labels.to(rt.device)
+    y_train = split.train.labels.to(rt.device)
     h_train = latents["train"].to(rt.device)
     stats = experts.train_expert(expert, h_train, y_train, cfg, rt, env.seed("expert"))
     if cfg.gate_oof_folds > 1:
         env.store.save_own_oof(experts.out_of_fold_probs(make_expert, h_train, y_train, cfg, rt, env.seed("expert-oof")))
     expert.eval()
-    own = evaluate(expert, latents["test"].to(rt.device), y_test, split.test.num_classes, cfg.batch_size * 4, rt)
+    own = _on_tests(split, lambda p, data: evaluate(
+        expert, latents[LATENT_PARTS[p]].to(rt.device), data.labels.to(rt.device), data.num_classes, cfg.batch_size * 4, rt
+    ))
     metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{EXPERT_METRIC_PREFIX + k: v for k, v in own.items()}}
     return _reply(msg, metrics, to_record(expert.state_dict()))
 
@@ -407,13 +427,18 @@ def evaluate_nmoe(msg: Message, context: Context) -> Message:
     num_classes = split.test.num_classes
     bank = _frozen_bank(env, num_classes)
     g = _gate(env, msg, context)
-    latents, labels = env.store.latents("test").to(env.runtime.device), split.test.labels.to(env.runtime.device)
     owners = _owners(env, num_classes)
-    metrics = nmoe_metrics(g, bank, latents, labels, env.partition_id, num_classes, env.cfg.top_k, owners)
-    if owners is not None:  # ideal routings over the same bank (they look at the label)
-        probs = gate.bank_probs(bank, latents)
-        for name, pred in oracle_predictions(probs, labels, env.partition_id, owners).items():
-            metrics |= {f"{ORACLE_PREFIX}{name}-{k}": v for k, v in classification_metrics(pred, labels, num_classes).items()}
+
+    def score(prefix: str, data: ImageSet) -> dict[str, float]:
+        latents, labels = env.store.latents(LATENT_PARTS[prefix]).to(env.runtime.device), data.labels.to(env.runtime.device)
+        metrics = nmoe_metrics(g, bank, latents, labels, env.partition_id, num_classes, env.cfg.top_k, owners)
+        if owners is not None:  # ideal routings over the same bank (they look at the label)
+            probs = gate.bank_probs(bank, latents)
+            for name, pred in oracle_predictions(probs, labels, env.partition_id, owners).items():
+                metrics |= {f"{ORACLE_PREFIX}{name}-{k}": v for k, v in classification_metrics(pred, labels, num_classes).items()}
+        return metrics
+
+    metrics = _on_tests(split, score)
     _write_checkpoint(env, g, bank[env.partition_id], split)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
@@ -445,6 +470,5 @@ def train_local_classifier(msg: Message, context: Context) -> Message:
         model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
         epochs=env.cfg.local_epochs, lr=env.cfg.lr, seed=env.seed("local"), lr_schedule=True,
     )
-    test = DeviceData.of(split.test, env.runtime)
-    metrics = fedce.classifier_metrics(model, test, split.test.num_classes, env.cfg.batch_size * 4, env.runtime)
+    metrics = _on_tests(split, lambda _, data: _classifier_scores(env, model, data))
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, SECONDS: time.perf_counter() - t0, **metrics})

@@ -51,7 +51,7 @@ class ClientStore:
     """
 
     DATA = "data.pt"  # the client's train/test (and unlabelled) split
-    LATENTS = "latents.pt"  # {"train": (N, d), "test": (M, d)} latents of the frozen extractor
+    LATENTS = "latents.pt"  # {"train", "test"[, "test-iid"]}: latents of the frozen extractor
     BANK = "bank.pt"  # {expert id: state dict}: every client's frozen expert
     OWN_OOF = "own-oof.pt"  # cross-fitted answers of the own expert on its training set
     EXTRACTOR = "extractor.pt"  # the frozen ResNet20 state dict (no key prefix)
@@ -89,6 +89,8 @@ class ClientStore:
         }
         if split.unlabeled is not None:
             blob |= {"unl_x": split.unlabeled.images, "unl_y": split.unlabeled.labels}
+        if split.test_iid is not None:
+            blob |= {"test_iid_x": split.test_iid.images, "test_iid_y": split.test_iid.labels}
         self._save(self.DATA, blob)
         return split
 
@@ -97,18 +99,20 @@ class ClientStore:
         blob = self._load(self.DATA)
         c = int(blob["num_classes"])
         unlabeled = ImageSet(blob["unl_x"], blob["unl_y"], c) if "unl_x" in blob else None
+        test_iid = ImageSet(blob["test_iid_x"], blob["test_iid_y"], c) if "test_iid_x" in blob else None
         return ClientSplits(
-            ImageSet(blob["train_x"], blob["train_y"], c), ImageSet(blob["test_x"], blob["test_y"], c), unlabeled
+            ImageSet(blob["train_x"], blob["train_y"], c), ImageSet(blob["test_x"], blob["test_y"], c), unlabeled, test_iid
         )
 
     # --- stage 2 and 3 inputs ---------------------------------------------
-    def save_latents(self, train: Tensor, test: Tensor) -> None:
-        """Keep the frozen extractor's latents of the train and test sets."""
-        self._save(self.LATENTS, {"train": train.cpu(), "test": test.cpu()})
+    def save_latents(self, latents: dict[str, Tensor]) -> None:
+        """Keep the frozen extractor's latents of every part of the split
+        (``"train"``, ``"test"`` and, if there is one, ``"test-iid"``)."""
+        self._save(self.LATENTS, {name: h.cpu() for name, h in latents.items()})
 
-    def latents(self, split: str) -> Tensor:
-        """Cached latents of ``split`` (``"train"`` or ``"test"``), on the CPU."""
-        return self._load(self.LATENTS)[split]
+    def latents(self, part: str) -> Tensor:
+        """Cached latents of ``part`` (``"train"``, ``"test"``, ``"test-iid"``), on the CPU."""
+        return self._load(self.LATENTS)[part]
 
     def save_extractor(self, state: dict[str, Tensor]) -> None:
         """Keep the frozen extractor (a bare ResNet20 state dict)."""

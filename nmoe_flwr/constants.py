@@ -56,6 +56,7 @@ BYTES_PER_SAMPLE = "bytes-per-sample"  # NMoE: latent bytes sent to neighbours p
 MINORITY_TO_OWNER = "minority-to-owner"  # NMoE: share of minority-class samples routed to an owner of their class
 DOMINANT_SENT_AWAY = "dominant-sent-away"  # NMoE: share of dominant-class samples routed to a neighbour
 ORACLE_PREFIX = "oracle-"  # NMoE: "oracle-<routing>-accuracy", ... of an oracle routing over the bank
+IID_PREFIX = "iid-"  # metrics on the IID test set (the paper's second test setting), e.g. "iid-macro-f1"
 TRAIN_PREFIX = "train-"  # gate: routing diagnostics on the client's training samples ("train-minority-to-owner")
 NOISE_STD = "noise-std"  # FedSC: per-entry std of the noise a client added
 EXPERT_ROUTED = "expert-routed"  # alignment: samples routed to each assigned expert

@@ -129,14 +129,15 @@ def test_table_lists_present_methods_with_their_numbers(tmp_path):
     """table(): one row per recorded method (in METHODS order), accuracy/F1 to 4 places, routed share if any."""
     rec = _recorder(tmp_path)
     rec.result("fedce-classifier", {}, {"accuracy": 0.5, "macro-f1": 0.25})
-    rec.result("nmoe", {}, {"accuracy": 0.875, "macro-f1": 0.8125, "routed-to-neighbour": 0.125})
+    rec.result("nmoe", {}, {"accuracy": 0.875, "macro-f1": 0.8125, "iid-accuracy": 0.75, "iid-macro-f1": 0.625,
+                            "routed-to-neighbour": 0.125})
     rec.result("not-a-known-method", {}, {"accuracy": 0.1, "macro-f1": 0.1})
     lines = rec.table().splitlines()
-    assert lines[0].split() == ["method", "accuracy", "macro-F1", "routed"]
-    assert lines[1] == "-" * 62
+    assert lines[0].split() == ["method", "accuracy", "macro-F1", "iid", "acc", "iid", "F1", "routed"]
+    assert lines[1] == "-" * len(lines[0])
     assert len(lines) == 4
     assert lines[2].startswith("NMoE (top-k over all experts)")
-    assert lines[2].split()[-3:] == ["0.8750", "0.8125", "0.125"]
+    assert lines[2].split()[-5:] == ["0.8750", "0.8125", "0.7500", "0.6250", "0.125"]
     assert lines[3].startswith("FedCE end-to-end classifier")
     assert lines[3].split()[-2:] == ["0.5000", "0.2500"]  # no routed column for a classifier
     assert "local classifier" not in rec.table()

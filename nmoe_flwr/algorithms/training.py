@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..constants import ACCURACY, MACRO_F1
+from ..constants import ACCURACY, IID_PREFIX, MACRO_F1
 from ..data import ImageSet
 from ..data.augment import random_crop_flip
 
@@ -329,9 +329,11 @@ def evaluate(
 
 
 def mean_over_clients(
-    per_client: Mapping[int, Mapping[str, float]], keys: Sequence[str] = (ACCURACY, MACRO_F1)
+    per_client: Mapping[int, Mapping[str, float]],
+    keys: Sequence[str] = (ACCURACY, MACRO_F1, IID_PREFIX + ACCURACY, IID_PREFIX + MACRO_F1),
 ) -> dict[str, float]:
-    """Unweighted mean over clients of every key all clients report (the
-    paper's "average accuracy and F1")."""
+    """Unweighted mean over clients of every one of ``keys`` all clients
+    report (the paper's "average accuracy and F1"; ``iid-`` keys: on the IID
+    test set)."""
     rows = list(per_client.values())
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}

@@ -10,7 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..constants import ACCURACY, BYTES_PER_SAMPLE, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from ..constants import (
+    ACCURACY,
+    BYTES_PER_SAMPLE,
+    IID_PREFIX,
+    MACRO_F1,
+    ROUTED_TO_NEIGHBOUR,
+)
 from ..pipelines.results import METHODS
 
 
@@ -27,7 +33,8 @@ def rows(path: Path) -> list[str]:
         extra = f"{routed:.3f}" if routed is not None else ""
         per = mean.get(BYTES_PER_SAMPLE)
         extra += f" ({per:.0f} B/sample)" if per is not None else ""
-        out.append(f"| {run} | {label} | {mean[ACCURACY]:.4f} | {mean[MACRO_F1]:.4f} | {extra} |")
+        iid = " | ".join(f"{mean[k]:.4f}" if k in mean else "-" for k in (IID_PREFIX + ACCURACY, IID_PREFIX + MACRO_F1))
+        out.append(f"| {run} | {label} | {mean[ACCURACY]:.4f} | {mean[MACRO_F1]:.4f} | {iid} | {extra} |")
     return out
 
 
@@ -37,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(__doc__)
         return 2
-    print("| run | method | accuracy | macro-F1 | routed to neighbours |")
-    print("|---|---|---|---|---|")
+    print("| run | method | accuracy | macro-F1 | IID-test accuracy | IID-test macro-F1 | routed to neighbours |")
+    print("|---|---|---|---|---|---|---|")
     for path in paths:
         print("\n".join(rows(path)))
     return 0

@@ -33,11 +33,17 @@ class ClientSplits:
         Extra training samples that only self-supervised training may use
         (their labels stay in memory but must not be read); ``None`` when the
         run asks for none.
+    test_iid : ImageSet or None
+        The paper's second test setting when ``test`` follows the client's
+        own skewed distribution: an IID test set of the same size (the test
+        set does not change training, so both settings are scored in one
+        run); ``None`` when ``test`` is IID already.
     """
 
     train: ImageSet
     test: ImageSet
     unlabeled: ImageSet | None = None
+    test_iid: ImageSet | None = None
 
 
 def make_client_splits(
@@ -63,7 +69,9 @@ def make_client_splits(
     ``unlabeled_per_client`` extra training samples per client (same scheme,
     ``seed + 2``) come from the training samples left over by the labelled
     partition; they carry labels in memory but only self-supervised stages
-    may use them.
+    may use them. When the test data are skewed (``"same"`` with a
+    ``"dominant"`` partition), every client also gets an IID test set
+    (``seed + 3``, disjoint between clients, independent of the first).
 
     Parameters
     ----------
@@ -113,9 +121,13 @@ def make_client_splits(
             train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
         )
         unlabeled = [subset(train, pool[i]) for i in pool_idx]
+    iid_tests: list[ImageSet | None] = [None] * num_clients
+    if test_scheme != "iid":
+        iid_idx = partition_indices(test.labels.numpy(), num_clients, test_per_client, "iid", tau, seed + 3)
+        iid_tests = [subset(test, i) for i in iid_idx]
     return [
-        ClientSplits(subset(train, a), subset(test, b), u)
-        for a, b, u in zip(train_idx, test_idx, unlabeled)
+        ClientSplits(subset(train, a), subset(test, b), u, t)
+        for a, b, u, t in zip(train_idx, test_idx, unlabeled, iid_tests)
     ]
 
 

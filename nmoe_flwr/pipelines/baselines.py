@@ -23,7 +23,7 @@ from ..algorithms.training import (
     resolve_runtime,
     set_torch_threads,
 )
-from ..constants import CONFIG, MSG_LOCAL_BASELINE
+from ..constants import CONFIG, IID_PREFIX, MSG_LOCAL_BASELINE
 from ..data import all_client_splits, pixel_stats_for
 from ..workspace import cache_dir
 from .messaging import Federation
@@ -64,6 +64,10 @@ def centralized_baseline(fed: Federation, rec: RunRecorder) -> None:
         torch.cat([s.train.labels for s in splits]).to(runtime.device),
     )
     tests = [DeviceData.of(s.test, runtime) for s in splits]
+    iid = [DeviceData.of(s.test_iid, runtime) for s in splits if s.test_iid is not None]
     stats = pixel_stats_for(cfg.dataset, cfg.hf_dataset, fed.in_channels)
-    per_client = dict(enumerate(train_centralized_moe(pooled, tests, stats, fed.num_classes, cfg, runtime)))
+    scores = train_centralized_moe(pooled, tests + iid, stats, fed.num_classes, cfg, runtime)
+    per_client = {i: dict(scores[i]) for i in range(len(tests))}
+    for i, m in enumerate(scores[len(tests):]):  # the IID test setting, where there is one
+        per_client[i] |= {IID_PREFIX + k: v for k, v in m.items()}
     rec.result("centralized-moe", per_client, mean_over_clients(per_client))

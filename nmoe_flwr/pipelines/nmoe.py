@@ -28,6 +28,7 @@ from ..constants import (
     EXPERT_METRIC_PREFIX,
     GATE_DECISION_PREFIX,
     GATE_SHARED_PREFIX,
+    IID_PREFIX,
     MACRO_F1,
     MINORITY_TO_OWNER,
     MSG_EVAL_NMOE,
@@ -70,18 +71,19 @@ def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
     gate = train_gates(fed, rec, bank)
     per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE))
     for oracle in ORACLE_ROUTINGS:
-        prefix = f"{ORACLE_PREFIX}{oracle}-"
-        scores = {pid: strip_metric_prefix(m, prefix) for pid, m in per_client.items()}
+        tag = f"{ORACLE_PREFIX}{oracle}-"  # "oracle-best-expert-accuracy", "iid-oracle-best-expert-accuracy"
+        scores = {pid: {k.replace(tag, ""): v for k, v in m.items() if tag in k} for pid, m in per_client.items()}
         if all(scores.values()):
             rec.result(f"{ORACLE_PREFIX}{oracle}", scores, mean_over_clients(scores))
-    nmoe = {pid: {k: v for k, v in m.items() if not k.startswith(ORACLE_PREFIX)} for pid, m in per_client.items()}
+    nmoe = {pid: {k: v for k, v in m.items() if ORACLE_PREFIX not in k} for pid, m in per_client.items()}
     rec.result("nmoe", nmoe, mean_over_clients(nmoe, NMOE_KEYS))
     rec.save()
     run_baselines(fed, rec)
 
 
-NMOE_KEYS = (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE, MINORITY_TO_OWNER, DOMINANT_SENT_AWAY)
-"""What the NMoE row of results.json averages over clients."""
+_NMOE_KEYS = (ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR, BYTES_PER_SAMPLE, MINORITY_TO_OWNER, DOMINANT_SENT_AWAY)
+NMOE_KEYS = _NMOE_KEYS + tuple(IID_PREFIX + k for k in _NMOE_KEYS)
+"""What the NMoE row of results.json averages over clients (both test settings)."""
 
 ORACLE_ROUTINGS = ("class-owner", "best-expert")
 """Oracle routings the clients score (:func:`nmoe_flwr.algorithms.routing.oracle_predictions`)."""

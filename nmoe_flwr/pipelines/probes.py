@@ -28,7 +28,7 @@ from ..algorithms.training import (
     resolve_runtime,
     set_torch_threads,
 )
-from ..constants import EXTRACTOR_PREFIX
+from ..constants import EXTRACTOR_PREFIX, IID_PREFIX
 from ..data import ClientSplits, all_client_splits, pixel_stats_for
 from ..records import from_record, strip_prefix
 from ..workspace import cache_dir
@@ -85,14 +85,28 @@ def pooled_probes(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> 
         log(INFO, "Pooled probe of %s: kNN %.3f, linear %.3f, MLP %.3f (pooled test accuracy)", name,
             table[name]["knn-pooled-accuracy"], table[name]["linear-pooled-accuracy"], table[name]["mlp-pooled-accuracy"])
         if name == "extractor":
-            tests = [(features(s.test.images), s.test.labels.to(runtime.device)) for s in splits]
-            priors = [torch.bincount(s.train.labels, minlength=fed.num_classes).float() / len(s.train) for s in splits]
-            ceiling = router_ceiling(
-                features(train_x), train_y, tests, priors, fed.num_classes, runtime, seed=derive_seed(cfg.seed, "ceiling")
-            )
+            ceiling = client_ceilings(fed, splits, features, features(train_x), train_y, runtime)
     rec.stage_details("pooled-probe", {"train-samples": int(train_y.numel()), "test-samples": int(test_y.numel()), **table})
-    per_client = dict(enumerate(ceiling))
-    rec.result("router-ceiling", per_client, mean_over_clients(per_client))
+    rec.result("router-ceiling", ceiling, mean_over_clients(ceiling))
+
+
+def client_ceilings(
+    fed: Federation, splits: list[ClientSplits], features: Features, train_h: torch.Tensor, train_y: torch.Tensor,
+    runtime: Runtime,
+) -> dict[int, dict[str, float]]:
+    """The router ceiling on every client's test set(s), with its training class prior
+    (one pooled MLP, scored on both test settings)."""
+    n = len(splits)
+    tests = [s.test for s in splits] + [s.test_iid for s in splits if s.test_iid is not None]
+    priors = [torch.bincount(s.train.labels, minlength=fed.num_classes).float() / len(s.train) for s in splits]
+    scored = router_ceiling(
+        train_h, train_y, [(features(t.images), t.labels.to(runtime.device)) for t in tests], priors + priors,
+        fed.num_classes, runtime, seed=derive_seed(fed.cfg.seed, "ceiling"),
+    )
+    out = {i: dict(scored[i]) for i in range(n)}
+    for j, m in enumerate(scored[n:]):  # the IID test setting, where there is one
+        out[j] |= {IID_PREFIX + k: v for k, v in m.items()}
+    return out
 
 
 def pooled(splits: list[ClientSplits], part: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from flwr.supercore import log
 
-from ..constants import ACCURACY, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from ..constants import ACCURACY, IID_PREFIX, MACRO_F1, ROUTED_TO_NEIGHBOUR
 
 T = TypeVar("T")
 
@@ -133,13 +133,14 @@ class RunRecorder:
         return path
 
     def table(self) -> str:
-        """The closing results table (mean over clients)."""
-        lines = [f"{'method':<34} {'accuracy':>9} {'macro-F1':>9} {'routed':>7}", "-" * 62]
+        """The closing results table (mean over clients; ``iid`` columns: the IID test setting)."""
+        head = f"{'method':<36} {'accuracy':>9} {'macro-F1':>9} {'iid acc':>8} {'iid F1':>8} {'routed':>7}"
+        lines = [head, "-" * len(head)]
         for key, label in METHODS.items():
             mean = self.data["results"].get(key, {}).get("mean")
             if not mean:
                 continue
-            routed = mean.get(ROUTED_TO_NEIGHBOUR, math.nan)
-            routed_s = "" if math.isnan(routed) else f"{routed:7.3f}"
-            lines.append(f"{label:<34} {mean[ACCURACY]:9.4f} {mean[MACRO_F1]:9.4f} {routed_s:>7}")
+            cells = [mean.get(k, math.nan) for k in (IID_PREFIX + ACCURACY, IID_PREFIX + MACRO_F1, ROUTED_TO_NEIGHBOUR)]
+            iid_acc, iid_f1, routed = ("" if math.isnan(v) else f"{v:.4f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(cells))
+            lines.append(f"{label:<36} {mean[ACCURACY]:9.4f} {mean[MACRO_F1]:9.4f} {iid_acc:>8} {iid_f1:>8} {routed:>7}")
         return "\n".join(lines)

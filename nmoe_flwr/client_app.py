@@ -266,6 +266,14 @@ def _freeze_extractor(env: ClientEnv, split: ClientSplits, model: nn.Module) -> 
     return latents
 
 
+def _has_trained_head(msg: Message, context: Context) -> bool:
+    """Whether stage 1 left this client a classifier head: averaged by the
+    server (sent with the extractor) or kept local in ``context.state``."""
+    sent = any(k.startswith(HEAD_PREFIX) for k in msg.content[ARRAYS])
+    local = LOCAL_FEDCE in context.state and any(k.startswith(HEAD_PREFIX) for k in context.state[LOCAL_FEDCE])
+    return sent or local
+
+
 @app.train(_name(MSG_EXPERT))
 def train_expert(msg: Message, context: Context) -> Message:
     """Stage 2: cache latents of the frozen extractor once, then train this
@@ -278,10 +286,13 @@ def train_expert(msg: Message, context: Context) -> Message:
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
     head = strip_prefix(model.state_dict(), HEAD_PREFIX)
+    from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and _has_trained_head(msg, context))
+    if cfg.expert_init == "head" and not _has_trained_head(msg, context):
+        raise ValueError("expert-init = 'head' but stage 1 left this client no head (FedSC, or a saved extractor without head.pt)")
 
     def make_expert() -> nn.Module:
         expert = experts.new_expert(split.train.num_classes, cfg.mlp_hidden, env.seed("expert-init"))
-        if cfg.expert_from_head:
+        if from_head:
             expert.load_state_dict(head)
         return expert
 

@@ -98,7 +98,7 @@ class RunConfig(BaseModel):
     # Stage 2: personalized experts on cached latents
     expert_epochs: int = Field(30, ge=0)
     expert_lr: float = Field(1e-3, gt=0)
-    expert_init: Literal["auto", "head", "scratch"] = "auto"  # auto: head after FedCE
+    expert_init: Literal["auto", "head", "scratch"] = "auto"  # auto: from the FedCE head where the client has one
 
     # Stage 3: gate
     gate_method: Literal["fedgate", "fedavg", "local"] = "fedgate"
@@ -130,7 +130,7 @@ class RunConfig(BaseModel):
     usage_weight: float = Field(1.0, ge=0)
     load_cap_slack: float = Field(1.0, ge=1)
     target_accuracy: float = Field(0.7, gt=0, le=1)
-    extractor_checkpoint: str = ""  # <run>/extractor.pt of an earlier run, reused instead of training stage 1
+    extractor_checkpoint: str = ""  # <run>/extractor.pt of an earlier run (+ head.pt beside it), reused instead of stage 1
 
     # Baselines
     local_baseline: bool = True
@@ -151,8 +151,6 @@ class RunConfig(BaseModel):
             raise ValueError("round-timeout must be finite")
         if self.fe_method == "fedsc" and self.expert_init == "head":
             raise ValueError("expert-init = 'head' needs fe-method = 'fedce' (FedSC trains no head); use 'auto' or 'scratch'")
-        if self.extractor_checkpoint and self.expert_init == "head":
-            raise ValueError("expert-init = 'head' cannot be used with extractor-checkpoint (a saved extractor has no head); use 'auto' or 'scratch'")
         if self.pipeline == "alignment":
             from .capacity import parse_tiers
 
@@ -163,12 +161,6 @@ class RunConfig(BaseModel):
     def tiers_spec(self) -> str:
         """``capacity-tiers``, defaulting to every client being a Jetson Orin."""
         return self.capacity_tiers or f"jetson-orin:{self.num_clients}"
-
-    @property
-    def expert_from_head(self) -> bool:
-        """Whether stage 2 fine-tunes the FedCE head (else experts start from scratch)."""
-        trained_head = self.fe_method == "fedce" and not self.extractor_checkpoint
-        return self.expert_init == "head" or (self.expert_init == "auto" and trained_head)
 
     @property
     def train_k(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -42,6 +43,9 @@ from ..records import add_prefix, from_record, strip_prefix, to_record
 from ..strategies import FedSC, split_shared
 from .messaging import Federation, rounds_of, weights_message
 from .results import RunRecorder
+
+EXTRACTOR_FILE = "extractor.pt"  # <run>/extractor.pt: a bare ResNet20 state dict
+HEAD_FILE = "head.pt"  # <run>/head.pt: the averaged FedCE head (bare MLP state dict), when there is one
 
 ExtractorMethod = Callable[[Federation, RunRecorder], ArrayRecord]
 """``method(federation, recorder) -> ArrayRecord`` of ``extractor.*`` (and ``head.*``)."""
@@ -120,19 +124,27 @@ def train_extractor(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     """Stage 1 by ``fe-method``, or the saved extractor of ``extractor-checkpoint``.
 
     Returns the extractor (and head, where the method trains one) and saves
-    the extractor as ``<run>/extractor.pt`` (a bare ResNet20 state dict, the
-    format ``extractor-checkpoint`` reads), so later runs can reuse it.
+    them as ``<run>/extractor.pt`` (a bare ResNet20 state dict, the format
+    ``extractor-checkpoint`` reads) and ``<run>/head.pt``, so later runs can
+    reuse them: stages 2-3 iterate in a minute on a saved stage 1.
     """
     cfg = fed.cfg
     if cfg.extractor_checkpoint:
         log(INFO, "Using the extractor in %s (stage 1 skipped)", cfg.extractor_checkpoint)
         rec.note("extractor-checkpoint", cfg.extractor_checkpoint)
-        arrays = to_record(add_prefix(load_extractor(cfg.extractor_checkpoint), EXTRACTOR_PREFIX))
+        state = add_prefix(load_extractor(cfg.extractor_checkpoint), EXTRACTOR_PREFIX)
+        head = Path(cfg.extractor_checkpoint).with_name(HEAD_FILE)
+        if head.exists():  # the averaged FedCE head of the same run: experts can start from it
+            state |= add_prefix(torch.load(head, weights_only=True), HEAD_PREFIX)
+            rec.note("head-checkpoint", str(head))
+        arrays = to_record(state)
     else:
         arrays, _ = split_shared(EXTRACTOR_METHODS[cfg.fe_method](fed, rec), (EXTRACTOR_PREFIX, HEAD_PREFIX))
-    path = rec.folder / "extractor.pt"
-    torch.save(strip_prefix(from_record(arrays), EXTRACTOR_PREFIX), path)
-    rec.note("extractor-saved", str(path))
+    state = from_record(arrays)
+    torch.save(strip_prefix(state, EXTRACTOR_PREFIX), rec.folder / EXTRACTOR_FILE)
+    if any(k.startswith(HEAD_PREFIX) for k in state):
+        torch.save(strip_prefix(state, HEAD_PREFIX), rec.folder / HEAD_FILE)
+    rec.note("extractor-saved", str(rec.folder / EXTRACTOR_FILE))
     return arrays
 
 

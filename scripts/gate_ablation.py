@@ -1,0 +1,111 @@
+"""Gate ablation on a saved stage 1: each routing change alone and together, over seeds.
+
+Stages 2-3 only (``extractor-checkpoint``), so every variant sees the same
+extractor and head. The seed varies the partition, the experts, their
+out-of-fold answers and the gate. Writes ``<output-dir>/<name>/ablation.md``
+and ``ablation.json`` (mean ± std over seeds of NMoE's accuracy and macro-F1
+on both test settings, the routing diagnostics, and the own expert, oracles
+and router ceiling beside them). Chooses nothing by itself: defaults are
+chosen on the training-set diagnostics (``train-*`` in rounds.csv), which
+the table also shows.
+
+    python scripts/gate_ablation.py --extractor outputs/paper-fe/extractor.pt --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from nmoe_flwr.cli.run import launch
+from nmoe_flwr.workspace import output_root
+
+VARIANTS = {
+    "paper (noise 1.0, NLL only, 2 local epochs)": "",
+    "no routing noise": "gate-noise=0.0",
+    "routing target (weight 1)": "gate-route-weight=1.0",
+    "5 local epochs": "gate-local-epochs=5",
+    "all three": "gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5",
+    "all three, gate not shared (local)": 'gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5 gate-method="local"',
+}
+COLUMNS = [
+    ("nmoe", "accuracy"), ("nmoe", "macro-f1"), ("nmoe", "iid-accuracy"), ("nmoe", "iid-macro-f1"),
+    ("nmoe", "routed-to-neighbour"), ("nmoe", "minority-to-owner"), ("nmoe", "dominant-sent-away"),
+]
+REFERENCES = ["personalized-expert", "router-ceiling", "oracle-class-owner", "oracle-best-expert"]
+
+
+def last_gate_round(folder: Path) -> dict[str, float]:
+    """The training-set routing diagnostics of the last gate round (rounds.csv)."""
+    import csv
+
+    rows = [r for r in csv.DictReader((folder / "rounds.csv").open()) if r["stage"] == "gate"]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("train-") and v}
+
+
+def fmt(values: list[float]) -> str:
+    """``mean ± std`` (std over seeds; ``±0`` for one seed is not shown)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every variant for every seed, then write the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--extractor", required=True, help="<run>/extractor.pt of a finished stage 1 (head.pt beside it)")
+    parser.add_argument("--run-config", default="configs/paper.toml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--name", default="gate-ablation")
+    parser.add_argument("--only", nargs="*", help="variant indices to run (default: all)")
+    args = parser.parse_args(argv)
+    root = output_root("")
+    folder = root / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f'extractor-checkpoint="{Path(args.extractor).resolve()}" local-baseline=false centralized-baseline=false'
+
+    table: dict[str, dict] = {}
+    variants = list(VARIANTS.items())
+    if args.only:
+        variants = [variants[int(i)] for i in args.only]
+    for label, overrides in variants:
+        runs = []
+        for seed in args.seeds:
+            name = f"{args.name}-{len(table)}-s{seed}"
+            print(f"\n=== {label}, seed {seed} ===", flush=True)
+            # The probes and router ceiling depend on the extractor and the seed only: once per seed.
+            probe = f"pooled-probe={'true' if not table else 'false'}"
+            status, record = launch(
+                Path("."), args.run_config, overrides=[base, probe, f'seed={seed} run-name="{name}"', overrides]
+            )
+            if status != "finished:completed":
+                print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)
+                return 1
+            results = json.loads((root / name / "results.json").read_text())["results"]
+            runs.append({"results": results, "train": last_gate_round(root / name)})
+        table[label] = {"overrides": overrides, "runs": runs}
+    (folder / "ablation.json").write_text(json.dumps(table, indent=2))
+    lines = [
+        "| variant | " + " | ".join(f"{m} {k}" for m, k in COLUMNS) + " | train minority-to-owner |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for label, entry in table.items():
+        cells = [fmt([r["results"][m]["mean"][k] for r in entry["runs"]]) for m, k in COLUMNS]
+        train = fmt([r["train"].get("train-minority-to-owner", float("nan")) for r in entry["runs"]])
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {train} |")
+    lines += ["", "| reference (first variant's runs) | accuracy | macro-F1 | IID accuracy | IID macro-F1 |", "|---|---|---|---|---|"]
+    first = next(iter(table.values()))["runs"]
+    for ref in REFERENCES:
+        if all(ref in r["results"] for r in first):
+            cells = [fmt([r["results"][ref]["mean"][k] for r in first]) for k in ("accuracy", "macro-f1", "iid-accuracy", "iid-macro-f1")]
+            lines.append(f"| {ref} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    (folder / "ablation.md").write_text(md + "\n")
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import processes_mentioning
 
 from nmoe_flwr.cli.run import launch
@@ -66,6 +67,26 @@ def test_smoke_results_are_complete_and_above_chance(smoke_run):
         assert results["timings-s"][stage] > 0
     rows = (folder / "rounds.csv").read_text().splitlines()
     assert rows[0].startswith("stage,round") and len(rows) == 1 + 3 + 3  # fedce + gate rounds
+
+
+def test_nmoe_stages_2_3_rerun_on_the_saved_stage_1(smoke_run, tmp_path):
+    """extractor-checkpoint: a second run reuses the smoke run's extractor.pt and head.pt and trains no stage 1."""
+    _, _, folder, _ = smoke_run
+    status, record = launch(
+        ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420, log_file=tmp_path / "run.log",
+        extra_env=_env(tmp_path),
+        overrides=[f'extractor-checkpoint="{folder / "extractor.pt"}" run-name="rerun" local-baseline=false '
+                   "centralized-baseline=false pooled-probe=false"],
+    )
+    assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
+    results = json.loads((tmp_path / "out" / "rerun" / "results.json").read_text())
+    assert results["run"]["head-checkpoint"] == str(folder / "head.pt")
+    assert "stage1-fedce" not in results["timings-s"] and "fedce-classifier" not in results["results"]
+    assert set(results["results"]["nmoe"]["per-client"]) == {"0", "1", "2", "3"}
+    saved = torch.load(tmp_path / "out" / "rerun" / "extractor.pt", weights_only=True)
+    original = torch.load(folder / "extractor.pt", weights_only=True)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_bad_config_value_fails_the_run_fast(tmp_path):

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Unit tests train tiny models: one intra-op thread each. Two threads on a
+    busy 2-core machine made such steps up to ~70x slower (82 s instead of
+    1.2 s measured for one test), which is what makes a suite flaky under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -19,12 +19,13 @@ from flwr.supercore import log
 from ..algorithms.centralized import train_centralized_moe
 from ..algorithms.training import (
     DeviceData,
+    Runtime,
     mean_over_clients,
     resolve_runtime,
     set_torch_threads,
 )
 from ..constants import CONFIG, IID_PREFIX, MSG_LOCAL_BASELINE
-from ..data import all_client_splits, pixel_stats_for
+from ..data import ClientSplits, all_client_splits, pixel_stats_for
 from ..workspace import cache_dir
 from .messaging import Federation
 from .results import RunRecorder
@@ -44,21 +45,32 @@ def run_baselines(fed: Federation, rec: RunRecorder) -> None:
         rec.save()
 
 
-def centralized_baseline(fed: Federation, rec: RunRecorder) -> None:
-    """Centralized MoE on the pooled training data, in this process (no Flower).
+def clients_data_on_server(fed: Federation, rec: RunRecorder, what: str) -> tuple[list[ClientSplits], Runtime] | None:
+    """Every client's split, recomputed in the server's process, and a runtime
+    with all its cores, for server-side work on pooled data (``what``).
 
     Needs the data set on the server's machine (true in simulation); where it
-    is missing the baseline is skipped and the reason recorded.
+    is missing, ``None``: the step is skipped and the reason recorded as
+    ``<what>-skipped``.
     """
     cfg = fed.cfg
     try:
         splits = all_client_splits(cfg, cache_dir(cfg.output_dir))
     except Exception as exc:  # noqa: BLE001 -- recorded and reported, not hidden
-        log(WARNING, "Centralized baseline skipped: %s", exc)
-        rec.note("centralized-moe-skipped", str(exc))
-        return
+        log(WARNING, "%s skipped: %s", what, exc)
+        rec.note(f"{what}-skipped", str(exc))
+        return None
     set_torch_threads(cfg.torch_threads or (os.cpu_count() or 1))
-    runtime = resolve_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    return splits, resolve_runtime(cfg.device, cfg.amp, cfg.channels_last)
+
+
+def centralized_baseline(fed: Federation, rec: RunRecorder) -> None:
+    """Centralized MoE on the pooled training data, in this process (no Flower)."""
+    cfg = fed.cfg
+    found = clients_data_on_server(fed, rec, "centralized-moe")
+    if found is None:
+        return
+    splits, runtime = found
     pooled = DeviceData(
         torch.cat([s.train.images for s in splits]).to(runtime.device),
         torch.cat([s.train.labels for s in splits]).to(runtime.device),

@@ -10,9 +10,8 @@ gate could get on its latents.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord
@@ -25,13 +24,11 @@ from ..algorithms.seeding import derive_seed
 from ..algorithms.training import (
     Runtime,
     mean_over_clients,
-    resolve_runtime,
-    set_torch_threads,
 )
 from ..constants import EXTRACTOR_PREFIX, IID_PREFIX
-from ..data import ClientSplits, all_client_splits, pixel_stats_for
+from ..data import ClientSplits, pixel_stats_for
 from ..records import from_record, strip_prefix
-from ..workspace import cache_dir
+from .baselines import clients_data_on_server
 from .messaging import Federation
 from .results import RunRecorder
 
@@ -65,14 +62,10 @@ def pooled_probes(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> 
     random init and the extractor on pooled data) and the ``router-ceiling``
     result (per client)."""
     cfg = fed.cfg
-    try:
-        splits = all_client_splits(cfg, cache_dir(cfg.output_dir))
-    except Exception as exc:  # noqa: BLE001 -- recorded and reported, not hidden
-        log(WARNING, "Pooled probes skipped: %s", exc)
-        rec.note("pooled-probe-skipped", str(exc))
+    found = clients_data_on_server(fed, rec, "pooled-probe")
+    if found is None:
         return
-    set_torch_threads(cfg.torch_threads or (os.cpu_count() or 1))
-    runtime = resolve_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    splits, runtime = found
     train_x, train_y = pooled(splits, "train")
     test_x, test_y = pooled(splits, "test")
     train_y, test_y = train_y.to(runtime.device), test_y.to(runtime.device)

@@ -30,6 +30,8 @@ VARIANTS = {
     "5 local epochs": "gate-local-epochs=5",
     "all three": "gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5",
     "all three, gate not shared (local)": 'gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5 gate-method="local"',
+    "all three, target weight 0.5": "gate-noise=0.0 gate-route-weight=0.5 gate-local-epochs=5",
+    "all three, target weight 2": "gate-noise=0.0 gate-route-weight=2.0 gate-local-epochs=5",
 }
 COLUMNS = [
     ("nmoe", "accuracy"), ("nmoe", "macro-f1"), ("nmoe", "iid-accuracy"), ("nmoe", "iid-macro-f1"),
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in variants:
         runs = []
         for seed in args.seeds:
-            name = f"{args.name}-{len(table)}-s{seed}"
+            name = f"{args.name}-{list(VARIANTS).index(label)}-s{seed}"
             print(f"\n=== {label}, seed {seed} ===", flush=True)
             # The probes and router ceiling depend on the extractor and the seed only: once per seed.
             probe = f"pooled-probe={'true' if not table else 'false'}"

@@ -286,9 +286,10 @@ def train_expert(msg: Message, context: Context) -> Message:
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
     head = strip_prefix(model.state_dict(), HEAD_PREFIX)
-    from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and _has_trained_head(msg, context))
-    if cfg.expert_init == "head" and not _has_trained_head(msg, context):
-        raise ValueError("expert-init = 'head' but stage 1 left this client no head (FedSC, or a saved extractor without head.pt)")
+    has_head = _has_trained_head(msg, context)
+    from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and has_head)
+    if cfg.expert_init == "head" and not has_head:
+        raise ValueError("expert-init = 'head' but stage 1 left this client no head (FedSC, or a saved extractor without head.pt); use 'auto' or 'scratch'")
 
     def make_expert() -> nn.Module:
         expert = experts.new_expert(split.train.num_classes, cfg.mlp_hidden, env.seed("expert-init"))

@@ -34,6 +34,7 @@ from .constants import (
 )
 from .data import ClientSplits, ImageSet, all_client_splits, pixel_stats_for
 from .data.registry import PixelStats
+from .inference.checkpoint import client_checkpoint_dir
 from .records import from_record, state_subset, to_record
 from .workspace import cache_dir, client_dir, run_dir
 
@@ -141,7 +142,7 @@ class ClientStore:
     @property
     def checkpoint_dir(self) -> Path:
         """``<run>/checkpoints/client-<id>``: the inference checkpoint of this client."""
-        return self.folder.parents[1] / "checkpoints" / f"client-{self.folder.name}"
+        return client_checkpoint_dir(self.folder.parents[1], int(self.folder.name))
 
 
 @dataclass(frozen=True)

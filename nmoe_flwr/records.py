@@ -4,12 +4,15 @@ and picks the entries of a state dict by parameter-name prefix."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
 from .constants import BANK_KEY_SEPARATOR
+
+V = TypeVar("V")
 
 
 def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
@@ -49,8 +52,9 @@ def state_subset(state: Mapping[str, Tensor], prefixes: Sequence[str]) -> dict[s
     return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
 
 
-def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries under ``prefix``, with the prefix removed (a sub-module's own state dict)."""
+def strip_prefix(state: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """The entries under ``prefix``, with the prefix removed (a sub-module's own
+    state dict, or the metrics named ``prefix + key``)."""
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 

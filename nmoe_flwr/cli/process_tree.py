@@ -22,27 +22,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (read from /proc).
-
-    Returns
-    -------
-    list of int
-        Children, grandchildren, ... of ``pid`` as linked by their parent PID
-        right now; processes already re-parented away are not included (see
-        :func:`stop_tree`, which also finds those).
-    """
-    snap = _snapshot()
-    children = _children(snap)
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return [p for p in out if snap[p].state not in _EXITED]
-
-
 #: Environment variable whose value marks every process of one tree started here
 #: (see :func:`tree_marker`); inherited by Flower's SuperExec, ServerApp and Ray workers.
 TREE_MARKER_VAR = "NMOE_PROCESS_TREE"

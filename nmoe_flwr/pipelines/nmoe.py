@@ -39,7 +39,7 @@ from ..constants import (
     ORACLE_PREFIX,
     ROUTED_TO_NEIGHBOUR,
 )
-from ..records import bank_to_record, from_record
+from ..records import bank_to_record, from_record, strip_prefix
 from .baselines import run_baselines
 from .extractor import train_extractor
 from .messaging import Federation, metrics_of, weights_message
@@ -89,18 +89,13 @@ ORACLE_ROUTINGS = ("class-owner", "best-expert")
 """Oracle routings the clients score (:func:`nmoe_flwr.algorithms.routing.oracle_predictions`)."""
 
 
-def strip_metric_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    """The metrics named ``prefix + key``, as ``key``."""
-    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
-
-
 def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
     """Stage 2: every client trains its expert on latents of ``extractor``;
     returns the expert bank ``{partition id: expert state}``."""
     replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     metrics = metrics_of(replies)
-    own = {pid: strip_metric_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
+    own = {pid: strip_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
     rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()}})
     rec.result("personalized-expert", own, mean_over_clients(own))
     rec.save()

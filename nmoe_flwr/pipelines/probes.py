@@ -71,14 +71,15 @@ def pooled_probes(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> 
     train_y, test_y = train_y.to(runtime.device), test_y.to(runtime.device)
     table: dict[str, dict[str, float]] = {}
     for name, features in feature_maps(fed, extractor, runtime).items():
+        train_h = features(train_x)  # computed once: the probes and the ceiling share it
         table[name] = probe_features(
-            features(train_x), train_y, features(test_x), test_y, fed.num_classes, runtime,
+            train_h, train_y, features(test_x), test_y, fed.num_classes, runtime,
             k=cfg.knn_k, seed=derive_seed(cfg.seed, "probe"),
         )
         log(INFO, "Pooled probe of %s: kNN %.3f, linear %.3f, MLP %.3f (pooled test accuracy)", name,
             table[name]["knn-pooled-accuracy"], table[name]["linear-pooled-accuracy"], table[name]["mlp-pooled-accuracy"])
         if name == "extractor":
-            ceiling = client_ceilings(fed, splits, features, features(train_x), train_y, runtime)
+            ceiling = client_ceilings(fed, splits, features, train_h, train_y, runtime)
     rec.stage_details("pooled-probe", {"train-samples": int(train_y.numel()), "test-samples": int(test_y.numel()), **table})
     rec.result("router-ceiling", ceiling, mean_over_clients(ceiling))
 

@@ -157,7 +157,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
     stats = fedce.train_classifier(
         model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
         epochs=env.cfg.fedce_local_epochs, lr=fedce.fedce_round_lr(env.cfg.lr, rnd, num_rounds),
-        seed=env.seed("fedce", rnd),
+        seed=env.seed("fedce", rnd), logit_adjust=env.cfg.fedce_logit_adjust,
     )
     return _reply(msg, _fit_metrics(stats), split_partial(model, _prefixes(msg), context, LOCAL_FEDCE))
 

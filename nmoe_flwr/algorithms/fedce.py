@@ -4,6 +4,15 @@ Each client trains ``H(F(x))`` on its labelled data; the server averages the
 extractor ``F`` (and, with ``fedce-average-head``, the head ``H``) with
 :class:`nmoe_flwr.strategies.PartialFedAvg` (NMoE paper, Sec. III-A, Eq. 1).
 The same local step trains the local-classifier baseline.
+
+Ours, not the paper's: ``fedce-logit-adjust`` (tau) trains each client on
+``CE(logits + tau * log pi_i(y))`` with ``pi_i`` its own label distribution
+(logit adjustment, Menon et al., ICLR 2021; in FL, FedLC, Zhang et al., ICML
+2022). Under label skew a plain local step pulls the shared head and the
+features toward the client's dominant class, and the average of ten such
+pulls is a poor model of any class; with the prior added to the logits the
+local optimum is the prior-free ``p(x | y)`` part, which is the same on every
+client, so the average is consistent. ``tau = 0`` is the paper's FedCE.
 """
 
 from __future__ import annotations
@@ -12,11 +21,14 @@ import torch
 
 from ..config import RunConfig
 from ..data.registry import PixelStats
+from torch import Tensor, nn
+
 from .models import Classifier
 from .seeding import generator, seeded
 from .training import (
     DeviceData,
     FitStats,
+    LossFn,
     Runtime,
     ce_loss,
     cosine,
@@ -33,6 +45,26 @@ def new_classifier(stats: PixelStats, num_classes: int, hidden: int, seed: int) 
         return Classifier(stats, num_classes, hidden)
 
 
+def class_log_prior(labels: Tensor, num_classes: int, smoothing: float = 1.0) -> Tensor:
+    """``(C,)`` log of a client's label distribution, with ``smoothing`` added
+    to every count so that an absent class gets a finite (very negative) prior."""
+    counts = torch.bincount(labels.long(), minlength=num_classes).float() + smoothing
+    return (counts / counts.sum()).log()
+
+
+def logit_adjusted_ce(offset: Tensor) -> LossFn:
+    """Cross entropy of ``logits + offset`` (``offset = tau * log pi_i``):
+    the :data:`LossFn` of logit-adjusted FedCE. Accuracy is counted on the
+    adjusted logits, i.e. under the client's own prior."""
+
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        logits = model(x).float() + offset
+        return nn.functional.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+    return loss_fn
+
+
 def train_classifier(
     model: Classifier,
     data: DeviceData,
@@ -43,17 +75,23 @@ def train_classifier(
     lr: float,
     seed: int,
     lr_schedule: bool = False,
+    logit_adjust: float = 0.0,
 ) -> FitStats:
     """SGD with momentum on cross entropy (FedCE's local step, the local baseline).
 
     Uses ``momentum``, ``weight-decay``, ``batch-size`` and ``augment`` of
     ``cfg``. ``lr_schedule`` applies a cosine decay over these ``epochs``;
     FedCE instead passes each round's cosine value as a constant ``lr``
-    (:func:`fedce_round_lr`).
+    (:func:`fedce_round_lr`). ``logit_adjust`` (tau > 0) trains on
+    ``logits + tau * log pi(y)`` with ``pi`` the label distribution of ``data``
+    (:func:`logit_adjusted_ce`); 0 is plain cross entropy.
     """
     opts = make_optimizers(model, "sgd", lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = ce_loss
+    if logit_adjust > 0:
+        loss_fn = logit_adjusted_ce(logit_adjust * class_log_prior(data.y, model.num_classes))
     return fit(
-        model, ce_loss, (data.x, data.y),
+        model, loss_fn, (data.x, data.y),
         epochs=epochs, batch_size=cfg.batch_size, optimizers=opts, runtime=runtime,
         generator=generator(seed, runtime.device), augment=crop_flip(cfg.augment),
         lr_multiplier=cosine if lr_schedule else None,

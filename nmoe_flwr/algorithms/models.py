@@ -138,6 +138,7 @@ class Classifier(nn.Module):
 
     def __init__(self, stats: PixelStats, num_classes: int, hidden: int) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.extractor = ResNet20(stats)
         self.head = MLP(ResNet20.out_dim, hidden, num_classes)
 

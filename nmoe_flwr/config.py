@@ -111,6 +111,7 @@ class RunConfig(BaseModel):
     gate_grad_norm: bool = True
     gate_noise: float = Field(0.0, ge=0)
     gate_route_weight: float = Field(1.0, ge=0)  # ours: CE toward the expert most confident on the label; 0 = off
+    gate_logit_adjust: float = Field(0.0, ge=0.0, le=10.0)  # ours: logits + tau * log(routing-target prior); 0 = off
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
     gate_oof_folds: int = Field(5, ge=0)  # cross-fitted own-expert answers for the gate; 0/1 = off
     top_k: int = Field(1, ge=1)

@@ -91,7 +91,7 @@ def test_client_stages_in_process(run_config):
     config = ConfigRecord({SERVER_ROUND: 1, NUM_ROUNDS: 1, SHARED_PREFIXES: ["shared."]})
     reply = client_app.train_gate(_msg(RecordDict({ARRAYS: to_record(gate_shared), CONFIG: config}), "train.gate"), ctx)
     assert set(from_record(reply.content[ARRAYS])) == set(gate_shared)
-    assert set(ctx.state[client_app.LOCAL_GATE].keys()) == {"decision.weight", "decision.bias"}
+    assert set(ctx.state[client_app.LOCAL_GATE].keys()) == {"decision.weight", "decision.bias", "log_prior"}  # the prior never leaves the client
 
     gate_arrays = reply.content[ARRAYS]
     reply = client_app.evaluate_nmoe(_msg(RecordDict({ARRAYS: gate_arrays, CONFIG: ConfigRecord()}), "evaluate.nmoe"), ctx)

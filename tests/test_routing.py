@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.algorithms.gate import gate_loss, routing_targets
+from nmoe_flwr.algorithms.gate import gate_loss, routing_log_prior, routing_targets
+from nmoe_flwr.algorithms.models import Gate
 from nmoe_flwr.algorithms.routing import (
     class_owners,
     dominant_class,
@@ -77,3 +78,23 @@ def test_gate_loss_adds_the_weighted_routing_cross_entropy():
     assert plain.item() == pytest.approx(-math.log(w[0] * 0.5 + w[1] * 0.9), rel=1e-6)
     ce = -math.log(w[1].item())  # cross entropy toward expert 1
     assert routed.item() - plain.item() == pytest.approx(0.5 * ce, rel=1e-6)
+
+
+def test_routing_log_prior_counts_targets_with_smoothing():
+    # targets: expert 1 (most confident on label 1), expert 0, expert 0 -> counts [2, 1, 0] + 1
+    probs = torch.tensor([
+        [[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]],
+        [[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]],
+        [[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]],
+    ])
+    prior = routing_log_prior(probs, torch.tensor([1, 0, 0]))
+    assert prior.exp().tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+
+
+def test_gate_prior_is_a_fixed_offset_on_the_logits():
+    gate = Gate(4, 8, 3)
+    h = torch.randn(5, 4)
+    plain = gate(h)
+    gate.log_prior.copy_(torch.tensor([0.0, -1.0, 2.0]))
+    assert torch.allclose(gate(h) - plain, torch.tensor([0.0, -1.0, 2.0]).expand(5, 3))
+    assert "log_prior" not in dict(gate.named_parameters())  # never trained

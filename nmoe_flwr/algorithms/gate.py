@@ -12,6 +12,17 @@ the expert most confident on the true label (:func:`routing_targets`). The
 mixture NLL alone moves an expert's logit in proportion to that expert's
 current gate weight, so a gate that starts on the own expert rarely learns
 to send minority samples away.
+
+Also ours: ``gate-logit-adjust`` (tau) sets the gate's ``log_prior`` to
+``tau * log pi_i(j)``, ``pi_i(j)`` the share of the client's training
+samples whose routing target is expert ``j`` (:func:`routing_log_prior`).
+The offset is added to the logits in training and at inference (logit
+adjustment, Menon et al., ICLR 2021). Under label skew the routing target
+is a function of the class that is the same on every client (the class
+owner's expert); only how often each target occurs differs. With the prior
+as a fixed local offset, the trained layers learn the common part, so they
+can be averaged, decision layer included (``gate-method = "fedavg"``), and
+every client's gate still routes under its own prior.
 """
 
 from __future__ import annotations
@@ -47,6 +58,13 @@ def routing_targets(probs: Tensor, labels: Tensor) -> Tensor:
     """``(N,)`` the expert most confident on each sample's true label,
     ``argmax_j p_j(y | h)`` over ``(N, n, C)`` bank probabilities."""
     return probs.gather(2, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2).argmax(1)
+
+
+def routing_log_prior(probs: Tensor, labels: Tensor, smoothing: float = 1.0) -> Tensor:
+    """``(n,)`` log share of samples whose routing target is each expert
+    (:func:`routing_targets`), with ``smoothing`` added to every count."""
+    counts = torch.bincount(routing_targets(probs, labels), minlength=probs.shape[1]).float() + smoothing
+    return (counts / counts.sum()).log()
 
 
 def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator, route_weight: float = 0.0) -> LossFn:
@@ -87,8 +105,12 @@ def train_gate(
     Muon for the gate's weight matrices and AdamW for its biases (or AdamW
     for all, ``gate-optimizer``), per-tensor gradient normalization when
     ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds,
-    the routing target weighted by ``gate-route-weight`` (ours).
+    the routing target weighted by ``gate-route-weight`` (ours). With
+    ``gate-logit-adjust`` > 0 the gate's ``log_prior`` is first set from this
+    client's routing targets (ours, :func:`routing_log_prior`).
     """
+    if cfg.gate_logit_adjust > 0:
+        gate.log_prior.copy_(cfg.gate_logit_adjust * routing_log_prior(probs, labels))
     opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
     start = (server_round - 1) / num_rounds
     noise = generator(derive_seed(seed, "noise"), runtime.device)

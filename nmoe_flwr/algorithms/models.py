@@ -152,7 +152,11 @@ class Gate(nn.Module):
     Three ``shared`` layers (averaged by FedGate) followed by a local
     ``decision`` layer, as in the NMoE paper's FedGate ablation ("we
     synchronize the first three layers while leaving the last layer as
-    local"). State-dict keys start with ``shared.`` or ``decision.``.
+    local"). State-dict keys start with ``shared.`` or ``decision.``, plus
+    the buffer ``log_prior``: a fixed offset added to the logits, zero unless
+    the client sets it (``gate-logit-adjust``, ours: the log of how often each
+    expert is the routing target on the client's data), so that the trained
+    layers model what is common to all clients and the offset what is local.
     """
 
     def __init__(self, in_dim: int, hidden: int, num_experts: int) -> None:
@@ -163,10 +167,11 @@ class Gate(nn.Module):
             nn.Linear(hidden, hidden), nn.ReLU(),
         )
         self.decision = nn.Linear(hidden, num_experts)
+        self.register_buffer("log_prior", torch.zeros(num_experts))
         _he_init(self)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.decision(self.shared(h))  # (B, num_experts) logits
+        return self.decision(self.shared(h)) + self.log_prior  # (B, num_experts) logits
 
 
 def route(

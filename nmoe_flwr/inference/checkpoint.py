@@ -84,7 +84,9 @@ def load_checkpoint(folder: Path) -> ClientCheckpoint:
     extractor = ResNet20(checkpoint_pixel_stats(m))
     extractor.load_state_dict(load("extractor"))
     gate = Gate(int(m["latent-dim"]), int(m["mlp-hidden"]), int(m["num-experts"]))
-    gate.load_state_dict(load("gate"))
+    gate_state = load("gate")
+    gate_state.setdefault("log_prior", torch.zeros(int(m["num-experts"])))  # written before gates had a prior: none
+    gate.load_state_dict(gate_state)
     expert = MLP(int(m["latent-dim"]), int(m["mlp-hidden"]), int(m["num-classes"]))
     expert.load_state_dict(load("expert"))
     return ClientCheckpoint(int(m["partition-id"]), m, extractor.eval(), gate.eval(), expert.eval())

@@ -102,16 +102,16 @@ class RunConfig(BaseModel):
     expert_init: Literal["auto", "head", "scratch"] = "auto"  # auto: from the FedCE head where the client has one
 
     # Stage 3: gate
-    gate_method: Literal["fedgate", "fedavg", "local"] = "fedgate"
-    gate_rounds: int = Field(10, ge=1)
-    gate_local_epochs: int = Field(5, ge=1)
+    gate_method: Literal["fedgate", "fedavg", "local"] = "fedavg"
+    gate_rounds: int = Field(50, ge=1)
+    gate_local_epochs: int = Field(1, ge=1)
     gate_lr: float = Field(1e-3, gt=0)  # AdamW: biases
     gate_muon_lr: float = Field(0.02, gt=0)  # Muon: 2-D weights
     gate_optimizer: Literal["muon", "adamw"] = "muon"
     gate_grad_norm: bool = True
     gate_noise: float = Field(0.0, ge=0)
     gate_route_weight: float = Field(1.0, ge=0)  # ours: CE toward the expert most confident on the label; 0 = off
-    gate_logit_adjust: float = Field(0.0, ge=0.0, le=10.0)  # ours: logits + tau * log(routing-target prior); 0 = off
+    gate_logit_adjust: float = Field(1.0, ge=0.0, le=10.0)  # ours: logits + tau * log(routing-target prior); 0 = off
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
     gate_oof_folds: int = Field(5, ge=0)  # cross-fitted own-expert answers for the gate; 0/1 = off
     top_k: int = Field(1, ge=1)

@@ -23,16 +23,39 @@ from pathlib import Path
 from nmoe_flwr.cli.run import launch
 from nmoe_flwr.workspace import output_root
 
-VARIANTS = {
-    "paper (noise 1.0, NLL only, 2 local epochs)": "",
-    "no routing noise": "gate-noise=0.0",
-    "routing target (weight 1)": "gate-route-weight=1.0",
-    "5 local epochs": "gate-local-epochs=5",
-    "all three": "gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5",
-    "all three, gate not shared (local)": 'gate-noise=0.0 gate-route-weight=1.0 gate-local-epochs=5 gate-method="local"',
-    "all three, target weight 0.5": "gate-noise=0.0 gate-route-weight=0.5 gate-local-epochs=5",
-    "all three, target weight 2": "gate-noise=0.0 gate-route-weight=2.0 gate-local-epochs=5",
+PAPER = {
+    "gate-method": "fedgate", "gate-rounds": 10, "gate-local-epochs": 2,
+    "gate-noise": 1.0, "gate-route-weight": 0.0, "gate-logit-adjust": 0.0,
 }
+"""The paper's gate (FedGate, mixture NLL only, routing noise of std 1.0), as session 1 ran it."""
+ROUTES = {"gate-noise": 0.0, "gate-route-weight": 1.0, "gate-local-epochs": 5}
+"""The three changes that first made the gate route (issue 10)."""
+LONG = {"gate-rounds": 50, "gate-local-epochs": 1}
+"""More, shorter rounds: less client drift between averagings (same data, more communication)."""
+VARIANTS = {
+    "paper (noise 1.0, NLL only, 2 local epochs)": PAPER,
+    "no routing noise": PAPER | {"gate-noise": 0.0},
+    "routing target (weight 1)": PAPER | {"gate-route-weight": 1.0},
+    "5 local epochs": PAPER | {"gate-local-epochs": 5},
+    "all three": PAPER | ROUTES,
+    "all three, gate not shared (local)": PAPER | ROUTES | {"gate-method": "local"},
+    "all three, target weight 0.5": PAPER | ROUTES | {"gate-route-weight": 0.5},
+    "all three, target weight 2": PAPER | ROUTES | {"gate-route-weight": 2.0},
+    "all three, 50 rounds x 1 epoch": PAPER | ROUTES | LONG,
+    "all three, 50 x 1, logit-adjusted gate (FedGate)": PAPER | ROUTES | LONG | {"gate-logit-adjust": 1.0},
+    "all three, 50 x 1, all layers averaged": PAPER | ROUTES | LONG | {"gate-method": "fedavg"},
+    "all three, 50 x 1, all layers averaged + logit-adjusted (new default)": (
+        PAPER | ROUTES | LONG | {"gate-method": "fedavg", "gate-logit-adjust": 1.0}
+    ),
+}
+"""Label -> run-config overrides, explicit, so that a change of defaults does not change a row."""
+
+
+def as_overrides(values: dict) -> str:
+    """``{"k": v}`` -> ``'k=v ...'`` in Flower's ``--run-config`` syntax (strings quoted)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
 COLUMNS = [
     ("nmoe", "accuracy"), ("nmoe", "macro-f1"), ("nmoe", "iid-accuracy"), ("nmoe", "iid-macro-f1"),
     ("nmoe", "routed-to-neighbour"), ("nmoe", "minority-to-owner"), ("nmoe", "dominant-sent-away"),
@@ -80,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             # The probes and router ceiling depend on the extractor and the seed only: once per seed.
             probe = f"pooled-probe={'true' if not table else 'false'}"
             status, record = launch(
-                Path("."), args.run_config, overrides=[base, probe, f'seed={seed} run-name="{name}"', overrides]
+                Path("."), args.run_config, overrides=[base, probe, f'seed={seed} run-name="{name}"', as_overrides(overrides)]
             )
             if status != "finished:completed":
                 print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)

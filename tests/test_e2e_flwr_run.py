@@ -89,6 +89,19 @@ def test_nmoe_stages_2_3_rerun_on_the_saved_stage_1(smoke_run, tmp_path):
     assert processes_mentioning(str(tmp_path)) == []
 
 
+def test_gate_validation_script_trains_gates_on_the_smoke_runs_stores(smoke_run):
+    """scripts/gate_validation.py: stage 3 again on the run's client stores, scored on held-out training samples."""
+    _, _, folder, _ = smoke_run
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gate_validation.py"), str(folder), "gate-rounds=2"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    line = json.loads(out.stdout.splitlines()[-1])
+    assert line["overrides"] == ["gate-rounds=2"] and "gate round 2/2" in out.stderr
+    assert line["val"]["accuracy"] > 0.5 and line["val"]["own-expert-accuracy"] > 0.5  # chance is 0.1
+    assert {"macro-f1", "minority-to-owner", "dominant-sent-away"} <= set(line["val"])
+
+
 def test_bad_config_value_fails_the_run_fast(tmp_path):
     status, record = launch(
         ROOT, "tau=1.5", num_supernodes=2, flwr_home=tmp_path / "flwr", timeout=180,

@@ -3,8 +3,11 @@
 The gate scores all ``n`` experts for a latent; it is trained with the
 mixture NLL under noisy top-k routing on precomputed expert answers, with
 Muon for its weight matrices and per-tensor gradient normalization (NMoE
-paper, Sec. III-C). The server averages its shallow layers
-(:class:`nmoe_flwr.strategies.PartialFedAvg` over ``shared.``).
+paper, Sec. III-C). The server averages the entries ``gate-method`` names
+(:class:`nmoe_flwr.strategies.PartialFedAvg`): the paper's FedGate averages
+the shallow ``shared.`` layers and keeps the decision layer local; our
+default (``"fedavg"`` with ``gate-logit-adjust``, below) averages all
+layers and keeps only the prior offset local.
 
 Ours, not the paper's: an optional direct routing target
 (``gate-route-weight``), a cross entropy pulling the gate's logits toward

@@ -31,7 +31,7 @@ def test_logit_adjusted_ce_adds_the_offset_before_the_softmax():
     offset = torch.tensor([math.log(0.9), math.log(0.1)])
     loss, correct = logit_adjusted_ce(offset)(model, (torch.zeros(2, 1), torch.tensor([1, 0])))
     # softmax(logits + log pi) = pi = (0.9, 0.1): mean of -log 0.1 and -log 0.9
-    assert float(loss) == pytest.approx((-math.log(0.1) - math.log(0.9)) / 2)
+    assert float(loss.detach()) == pytest.approx((-math.log(0.1) - math.log(0.9)) / 2)
     assert int(correct) == 1  # both samples predicted as class 0 under the prior
 
 

@@ -12,7 +12,7 @@ features are one of
 - ``--features saved --extractor <run>/extractor.pt``: a saved extractor;
 - ``--features raw-pixels`` or ``random-init``: the floors.
 
-    python scripts/extractor_validation.py --preset configs/paper.toml fedce-logit-adjust=1.0 --save la.pt
+    python scripts/extractor_validation.py --preset configs/paper.toml fedce-logit-adjust=1.0 --save outputs/fedce-la
     python scripts/extractor_validation.py --preset configs/paper.toml --features raw-pixels
 
 Prints one JSON line. Stage-1 defaults are chosen on this table, never on
@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,9 +35,9 @@ from nmoe_flwr.algorithms.probes import probe_features
 from nmoe_flwr.algorithms.seeding import derive_seed, generator
 from nmoe_flwr.algorithms.training import mean_over_clients, resolve_runtime, set_torch_threads
 from nmoe_flwr.cli.plain_fedce import _config_from, fedce_plain
-from nmoe_flwr.constants import EXTRACTOR_PREFIX
+from nmoe_flwr.constants import EXTRACTOR_PREFIX, HEAD_PREFIX
 from nmoe_flwr.data import all_client_splits, pixel_stats_for
-from nmoe_flwr.pipelines.extractor import load_extractor
+from nmoe_flwr.pipelines.extractor import EXTRACTOR_FILE, HEAD_FILE, load_extractor
 from nmoe_flwr.records import strip_prefix
 from nmoe_flwr.workspace import cache_dir
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="run-config TOML (e.g. configs/paper.toml)")
     parser.add_argument("--features", choices=("fedce", "saved", "raw-pixels", "random-init"), default="fedce")
     parser.add_argument("--extractor", help="a saved extractor.pt (with --features saved)")
-    parser.add_argument("--save", help="write the FedCE extractor here (bare ResNet20 state dict)")
+    parser.add_argument("--save", type=Path, help="folder for the FedCE extractor.pt and head.pt (what extractor-checkpoint reads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--val-share", type=float, default=0.2)
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values)")
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(state)
         summary["fedce-classifier-test"] = mean_over_clients(dict(enumerate(metrics)))
         if args.save:
-            torch.save(strip_prefix(state, EXTRACTOR_PREFIX), args.save)
+            args.save.mkdir(parents=True, exist_ok=True)
+            torch.save(strip_prefix(state, EXTRACTOR_PREFIX), args.save / EXTRACTOR_FILE)
+            torch.save(strip_prefix(state, HEAD_PREFIX), args.save / HEAD_FILE)
     elif args.features == "saved":
         model.extractor.load_state_dict(load_extractor(args.extractor))
     if args.features == "raw-pixels":

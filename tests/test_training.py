@@ -103,3 +103,16 @@ def test_records_round_trip_and_cast_half_precision():
     bank = {1: {"w": torch.ones(2)}, 0: {"w": torch.zeros(2)}}
     restored = bank_from_record(bank_to_record(bank))
     assert list(restored) == [0, 1] and torch.equal(restored[1]["w"], torch.ones(2))
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    from nmoe_flwr.algorithms.training import torch_threads
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(other):
+        raise RuntimeError("restored on errors too")
+    assert torch.get_num_threads() == before

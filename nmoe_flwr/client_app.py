@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from .algorithms import experts, fedce, fedsc, gate, global_moe
-from .algorithms.models import MLP, ResNet20
+from .algorithms.models import ResNet20
 from .algorithms.privacy import GaussianMechanism, privatize
 from .algorithms.probes import knn_metrics
 from .algorithms.routing import class_owners, oracle_predictions, routing_diagnostics
@@ -378,12 +378,7 @@ def store_expert_bank(msg: Message, context: Context) -> Message:
 
 def _frozen_bank(env: ClientEnv, num_classes: int) -> list[nn.Module]:
     """Every client's frozen expert, in expert-id order, on the training device."""
-    bank = []
-    for state in env.store.bank().values():
-        expert = MLP(ResNet20.out_dim, env.cfg.mlp_hidden, num_classes)
-        expert.load_state_dict(state)
-        bank.append(env.runtime.prepare(expert).eval().requires_grad_(False))
-    return bank
+    return experts.frozen_bank(env.store.bank().values(), env.cfg.mlp_hidden, num_classes, env.runtime)
 
 
 def _gate(env: ClientEnv, msg: Message, context: Context) -> nn.Module:

@@ -33,8 +33,12 @@ from nmoe_flwr.algorithms.experts import compute_latents
 from nmoe_flwr.algorithms.fedce import new_classifier
 from nmoe_flwr.algorithms.probes import probe_features
 from nmoe_flwr.algorithms.seeding import derive_seed, generator
-from nmoe_flwr.algorithms.training import mean_over_clients, resolve_runtime, set_torch_threads
-from nmoe_flwr.cli.plain_fedce import _config_from, fedce_plain
+from nmoe_flwr.algorithms.training import (
+    mean_over_clients,
+    resolve_runtime,
+    set_torch_threads,
+)
+from nmoe_flwr.cli.plain_fedce import config_from, fedce_plain
 from nmoe_flwr.constants import EXTRACTOR_PREFIX, HEAD_PREFIX
 from nmoe_flwr.data import all_client_splits, pixel_stats_for
 from nmoe_flwr.pipelines.extractor import EXTRACTOR_FILE, HEAD_FILE, load_extractor
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.features == "saved") != bool(args.extractor):
         parser.error("--extractor goes with --features saved, and only with it")
-    cfg = _config_from(args.preset, args.overrides)
+    cfg = config_from(args.preset, args.overrides)
     set_torch_threads(args.threads)
     runtime = resolve_runtime(cfg.device, "off", cfg.channels_last)
     t0 = time.perf_counter()

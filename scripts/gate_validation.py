@@ -22,31 +22,33 @@ import argparse
 import json
 import statistics
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
 from nmoe_flwr.algorithms import gate as gates
-from nmoe_flwr.algorithms.models import MLP, ResNet20
+from nmoe_flwr.algorithms.experts import frozen_bank
 from nmoe_flwr.algorithms.routing import class_owners, routing_diagnostics
 from nmoe_flwr.algorithms.seeding import derive_seed, generator
-from nmoe_flwr.algorithms.training import classification_metrics, resolve_runtime, set_torch_threads
+from nmoe_flwr.algorithms.training import (
+    Runtime,
+    classification_metrics,
+    resolve_runtime,
+    set_torch_threads,
+)
+from nmoe_flwr.cli.plain_fedce import weighted_mean
 from nmoe_flwr.client_state import ClientStore
 from nmoe_flwr.config import parse_run_config
 from nmoe_flwr.pipelines.nmoe import GATE_SHARED_PREFIXES
 
 
-def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float, seed: int) -> dict:
+def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float, seed: int, runtime: Runtime) -> dict:
     """``(latents, labels, bank probs)`` of one client's training samples, split into
     ``train`` and ``val`` (seeded); the own expert's column holds its out-of-fold answers."""
     split = store.load_splits()
     num_classes = split.train.num_classes
-    bank = []
-    for state in store.bank().values():
-        expert = MLP(ResNet20.out_dim, mlp_hidden, num_classes)
-        expert.load_state_dict(state)
-        bank.append(expert.eval().requires_grad_(False))
+    bank = frozen_bank(store.bank().values(), mlp_hidden, num_classes, runtime)
     latents, labels = store.latents("train"), split.train.labels
     probs = gates.bank_probs(bank, latents)
     own = store.own_oof()
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = resolve_runtime("cpu", "off", False)
     n = cfg.num_clients
     clients = [
-        client_data(ClientStore(args.run / "clients" / str(pid)), pid, cfg.mlp_hidden, args.val_share, args.seed)
+        client_data(ClientStore(args.run / "clients" / str(pid)), pid, cfg.mlp_hidden, args.val_share, args.seed, runtime)
         for pid in range(n)
     ]
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
@@ -84,15 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     shared = {k: v.clone() for k, v in models[0].state_dict().items() if k.startswith(prefixes)}
     sizes = [c["train"][1].shape[0] for c in clients]
     for rnd in range(1, cfg.gate_rounds + 1):
-        total = {k: torch.zeros_like(v) for k, v in shared.items()}
+        replies = []
         for pid, (model, client) in enumerate(zip(models, clients)):
             model.load_state_dict(shared, strict=False)
             gates.train_gate(model, *client["train"], cfg, runtime, server_round=rnd, num_rounds=cfg.gate_rounds,
                              seed=derive_seed(cfg.seed, pid, "gate", rnd))
-            state = model.state_dict()
-            for k in total:
-                total[k] += state[k] * (sizes[pid] / sum(sizes))
-        shared = total
+            replies.append({k: v for k, v in model.state_dict().items() if k in shared})
+        shared = weighted_mean(replies, sizes) if shared else shared
         print(f"gate round {rnd}/{cfg.gate_rounds}", file=sys.stderr, flush=True)
     rows = []
     owners = class_owners(n, clients[0]["num_classes"]) if cfg.partition == "dominant" else None

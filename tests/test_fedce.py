@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nmoe_flwr.algorithms.fedce import class_log_prior, logit_adjusted_ce
+from nmoe_flwr.algorithms.fedce import logit_adjusted_ce
+from nmoe_flwr.algorithms.training import log_prior
 
 
 class FixedLogits(nn.Module):
@@ -20,9 +21,9 @@ class FixedLogits(nn.Module):
         return self.logits.expand(x.shape[0], -1)
 
 
-def test_class_log_prior_by_hand():
+def test_log_prior_by_hand():
     # counts [2, 1, 0] + smoothing 1 -> [3, 2, 1] / 6
-    prior = class_log_prior(torch.tensor([0, 0, 1]), 3)
+    prior = log_prior(torch.tensor([0, 0, 1]), 3)
     assert prior.exp().tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
 
 
@@ -40,7 +41,7 @@ def test_logit_adjusted_optimum_is_prior_free():
     equal logits (the data carry no evidence beyond the prior), plain CE by
     logits that encode the prior."""
     labels = torch.tensor([0] * 9 + [1])
-    offset = class_log_prior(labels, 2, smoothing=0.0)
+    offset = log_prior(labels, 2, smoothing=0.0)
     model = FixedLogits([0.3, -0.2])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     for _ in range(500):

@@ -8,7 +8,7 @@ its own training set (:func:`out_of_fold_probs`), our addition.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,17 @@ def new_expert(num_classes: int, hidden: int, seed: int) -> MLP:
     """A freshly initialised expert on ResNet20 latents (seeded)."""
     with seeded(seed):
         return MLP(ResNet20.out_dim, hidden, num_classes)
+
+
+def frozen_bank(states: Iterable[dict[str, Tensor]], hidden: int, num_classes: int, runtime: Runtime) -> list[MLP]:
+    """The frozen expert bank of stage 3: one eval-mode, gradient-free expert per
+    state dict, in the order given (expert id order), on ``runtime.device``."""
+    bank = []
+    for state in states:
+        expert = MLP(ResNet20.out_dim, hidden, num_classes)
+        expert.load_state_dict(state)
+        bank.append(runtime.prepare(expert).eval().requires_grad_(False))
+    return bank
 
 
 def compute_latents(extractor: nn.Module, x: Tensor, batch_size: int, runtime: Runtime) -> Tensor:

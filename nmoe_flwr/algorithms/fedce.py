@@ -18,11 +18,10 @@ client, so the average is consistent. ``tau = 0`` is the paper's FedCE.
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.registry import PixelStats
-from torch import Tensor, nn
-
 from .models import Classifier
 from .seeding import generator, seeded
 from .training import (
@@ -35,6 +34,7 @@ from .training import (
     crop_flip,
     evaluate,
     fit,
+    log_prior,
     make_optimizers,
 )
 
@@ -43,13 +43,6 @@ def new_classifier(stats: PixelStats, num_classes: int, hidden: int, seed: int) 
     """A freshly initialised ResNet20 + MLP classifier (seeded)."""
     with seeded(seed):
         return Classifier(stats, num_classes, hidden)
-
-
-def class_log_prior(labels: Tensor, num_classes: int, smoothing: float = 1.0) -> Tensor:
-    """``(C,)`` log of a client's label distribution, with ``smoothing`` added
-    to every count so that an absent class gets a finite (very negative) prior."""
-    counts = torch.bincount(labels.long(), minlength=num_classes).float() + smoothing
-    return (counts / counts.sum()).log()
 
 
 def logit_adjusted_ce(offset: Tensor) -> LossFn:
@@ -89,7 +82,7 @@ def train_classifier(
     opts = make_optimizers(model, "sgd", lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = ce_loss
     if logit_adjust > 0:
-        loss_fn = logit_adjusted_ce(logit_adjust * class_log_prior(data.y, model.num_classes))
+        loss_fn = logit_adjusted_ce(logit_adjust * log_prior(data.y, model.num_classes))
     return fit(
         model, loss_fn, (data.x, data.y),
         epochs=epochs, batch_size=cfg.batch_size, optimizers=opts, runtime=runtime,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from .models import Gate, ResNet20, mixture_nll, mixture_probs, route
 from .seeding import derive_seed, generator, seeded
-from .training import FitStats, LossFn, Runtime, cosine, fit, make_optimizers
+from .training import FitStats, LossFn, Runtime, cosine, fit, log_prior, make_optimizers
 
 
 def new_gate(hidden: int, num_experts: int, seed: int) -> Gate:
@@ -66,8 +66,7 @@ def routing_targets(probs: Tensor, labels: Tensor) -> Tensor:
 def routing_log_prior(probs: Tensor, labels: Tensor, smoothing: float = 1.0) -> Tensor:
     """``(n,)`` log share of samples whose routing target is each expert
     (:func:`routing_targets`), with ``smoothing`` added to every count."""
-    counts = torch.bincount(routing_targets(probs, labels), minlength=probs.shape[1]).float() + smoothing
-    return (counts / counts.sum()).log()
+    return log_prior(routing_targets(probs, labels), probs.shape[1], smoothing)
 
 
 def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator, route_weight: float = 0.0) -> LossFn:

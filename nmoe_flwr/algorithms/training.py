@@ -120,6 +120,14 @@ def set_torch_threads(requested: int = 0) -> int:
     return n
 
 
+def log_prior(ids: Tensor, size: int, smoothing: float = 1.0) -> Tensor:
+    """``(size,)`` log share of each id among ``ids``, with ``smoothing`` added to
+    every count so that an absent id gets a finite (very negative) prior.
+    The offset of logit adjustment (FedCE's class prior, the gate's routing prior)."""
+    counts = torch.bincount(ids.long(), minlength=size).float() + smoothing
+    return (counts / counts.sum()).log()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block with ``n`` intra-op threads, then restore the previous count."""

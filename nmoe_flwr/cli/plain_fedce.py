@@ -80,7 +80,7 @@ def fedce_plain(
     return global_state, metrics
 
 
-def _config_from(preset: str | None, overrides: list[str]) -> RunConfig:
+def config_from(preset: str | None, overrides: list[str]) -> RunConfig:
     """Defaults of pyproject.toml (if found) + a preset TOML + ``key=value`` overrides.
 
     Deliberately not :func:`nmoe_flwr.launcher.merged_run_config`, which uses
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values)")
     args = parser.parse_args(argv)
-    cfg = _config_from(args.preset, args.overrides)
+    cfg = config_from(args.preset, args.overrides)
     threads = set_torch_threads(args.threads or (os.cpu_count() or 1))
     runtime = resolve_runtime(cfg.device, cfg.amp, cfg.channels_last)
     splits = all_client_splits(cfg, cache_dir(cfg.output_dir))

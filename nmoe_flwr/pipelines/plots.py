@@ -51,3 +51,29 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], path: Path, targe
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def metric_vs_tau(
+    by_tau: Mapping[float, Mapping[str, Mapping[str, list[float]]]], metric: str, ylabel: str, path: Path
+) -> Path:
+    """One line per method: ``metric`` (mean over the runs of each tau) against the skew tau.
+
+    ``by_tau[tau][method][metric]`` lists run means (``nmoe-reproduce``'s summaries).
+    """
+    from .results import METHODS
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    taus = sorted(by_tau)
+    methods = list(dict.fromkeys(m for t in taus for m in by_tau[t] if metric in by_tau[t][m]))
+    for method in methods:
+        points = [(t, float(np.mean(by_tau[t][method][metric]))) for t in taus if metric in by_tau[t].get(method, {})]
+        ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=METHODS.get(method, method))
+    ax.set_xlabel("tau (share of a client's data outside its dominant class)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

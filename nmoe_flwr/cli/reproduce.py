@@ -1,0 +1,180 @@
+"""``nmoe-reproduce``: the paper preset over seeds and over the skew tau, as tables and plots.
+
+Runs the preset once per seed (``--seeds``, at the preset's tau) and once per
+extra tau (``--taus``, at ``--tau-seed``) through ``nmoe-run``'s launcher,
+each as its own run folder ``<output-dir>/<name>-s<seed>-tau<tau>``, then
+writes into ``<output-dir>/<name>/``:
+
+- ``seeds.md``: every method's accuracy and macro-F1 on both test settings
+  (same-distribution and IID) and NMoE's routed share, mean ± std over the
+  seeds (sample standard deviation);
+- ``tau.md``: the same per tau, one seed (an anecdote, and labelled so);
+- ``macro_f1_vs_tau.png`` (macro-F1 of every method against tau) and
+  ``routed_vs_tau.png`` (share of samples NMoE sends to a neighbour);
+- ``reproduce.json``: the numbers behind all of it.
+
+A run folder whose ``results.json`` says ``completed`` with the same seed
+and tau is reused, not rerun: an interrupted reproduction picks up where it
+stopped, and the tables can be redrawn with ``--tables-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..constants import ACCURACY, IID_PREFIX, MACRO_F1, ROUTED_TO_NEIGHBOUR
+from ..workspace import output_root
+
+# Columns of the tables: (metric key in results.json's "mean", header).
+COLUMNS = (
+    (ACCURACY, "accuracy"),
+    (MACRO_F1, "macro-F1"),
+    (IID_PREFIX + ACCURACY, "IID accuracy"),
+    (IID_PREFIX + MACRO_F1, "IID macro-F1"),
+    (ROUTED_TO_NEIGHBOUR, "routed to neighbours"),
+)
+
+
+def run_name(name: str, seed: int, tau: float) -> str:
+    """The run folder of one (seed, tau) point, e.g. ``reproduce-s0-tau0.1``."""
+    return f"{name}-s{seed}-tau{tau:g}"
+
+
+def completed(results: Path, seed: int, tau: float) -> bool:
+    """Whether ``results`` is a finished run of this seed and tau (so it is reused)."""
+    if not results.is_file():
+        return False
+    data = json.loads(results.read_text())
+    cfg = data.get("config", {})
+    return data.get("run", {}).get("status") == "completed" and cfg.get("seed") == seed and float(cfg.get("tau", -1)) == tau
+
+
+def fmt(values: Sequence[float]) -> str:
+    """``mean ± std`` over runs (sample std), the mean alone for one run, ``-`` for none."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def summarize(runs: Sequence[Mapping]) -> dict[str, dict[str, list[float]]]:
+    """Per method and metric, the list of run means (runs lacking a method or metric are left out).
+
+    ``runs`` are the ``results`` sections of results.json files; the methods
+    follow :data:`nmoe_flwr.pipelines.results.METHODS` order.
+    """
+    from ..pipelines.results import METHODS
+
+    table: dict[str, dict[str, list[float]]] = {}
+    for method in METHODS:
+        for key, _ in COLUMNS:
+            values = [float(r[method]["mean"][key]) for r in runs if key in r.get(method, {}).get("mean", {})]
+            if values:
+                table.setdefault(method, {})[key] = values
+    return table
+
+
+def seeds_table(summary: Mapping[str, Mapping[str, list[float]]]) -> str:
+    """Markdown: one row per method, ``mean ± std`` over seeds per column."""
+    from ..pipelines.results import METHODS
+
+    lines = ["| method | " + " | ".join(h for _, h in COLUMNS) + " | seeds |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for method, metrics in summary.items():
+        n = max(len(v) for v in metrics.values())
+        cells = [fmt(metrics.get(key, [])) for key, _ in COLUMNS]
+        lines.append(f"| {METHODS.get(method, method)} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def tau_table(by_tau: Mapping[float, Mapping[str, Mapping[str, list[float]]]], key: str = MACRO_F1) -> str:
+    """Markdown: one row per method, one column per tau, the metric ``key`` (one seed per tau)."""
+    from ..pipelines.results import METHODS
+
+    taus = sorted(by_tau)
+    methods = list(dict.fromkeys(m for t in taus for m in by_tau[t]))
+    lines = ["| method | " + " | ".join(f"tau = {t:g}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
+    for method in methods:
+        cells = [fmt(by_tau[t].get(method, {}).get(key, [])) for t in taus]
+        lines.append(f"| {METHODS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the missing (seed, tau) points, then write the tables and plots."""
+    from ..pipelines.plots import metric_vs_tau
+    from .flwr_process import merged_run_config
+    from .run import launch
+
+    parser = argparse.ArgumentParser(prog="nmoe-reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", default="configs/paper.toml", help="preset TOML (default: configs/paper.toml)")
+    parser.add_argument("--set", action="append", default=[], help='extra "key=value ..." overrides for every run')
+    parser.add_argument("--seeds", default="0,1,2", help="seeds at the preset's tau (default 0,1,2)")
+    parser.add_argument("--taus", default="0.1,0.3,0.5", help="tau values of the sweep (default 0.1,0.3,0.5)")
+    parser.add_argument("--tau-seed", type=int, default=0, help="the seed of the tau sweep (default 0)")
+    parser.add_argument("--name", default="reproduce", help="prefix of the run folders and the summary folder")
+    parser.add_argument("--tables-only", action="store_true", help="run nothing; tables from the finished runs")
+    parser.add_argument("--app", type=Path, default=Path("."))
+    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
+    args = parser.parse_args(argv)
+
+    base = merged_run_config(args.run_config, args.set)
+    root = output_root(str(base.get("output-dir", "")))
+    preset_tau = float(base.get("tau", 0.1))
+    seeds = [int(s) for s in _floats(args.seeds)]
+    points = [(s, preset_tau) for s in seeds] + [(args.tau_seed, t) for t in _floats(args.taus)]
+    points = list(dict.fromkeys(points))
+    env = {"NMOE_OUTPUT_DIR": str(root)}
+    for i, (seed, tau) in enumerate(points, 1):
+        name = run_name(args.name, seed, tau)
+        results = root / name / "results.json"
+        if completed(results, seed, tau):
+            print(f"[{i}/{len(points)}] {name}: finished earlier, reused", flush=True)
+            continue
+        if args.tables_only:
+            print(f"[{i}/{len(points)}] {name}: not finished, left out", flush=True)
+            continue
+        print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g} -> {root / name} ===", flush=True)
+        status, record = launch(args.app, args.run_config, flwr_home=args.flwr_home, extra_env=env,
+                                overrides=[*args.set, f'seed={seed} tau={tau} run-name="{name}"'])
+        if status != "finished:completed":
+            print(f"{name}: run {status}: {record.get('status-details', '')}", file=sys.stderr)
+            return 1
+
+    def results_of(seed: int, tau: float) -> Mapping | None:
+        path = root / run_name(args.name, seed, tau) / "results.json"
+        return json.loads(path.read_text())["results"] if completed(path, seed, tau) else None
+
+    by_seed = [r for r in (results_of(s, preset_tau) for s in seeds) if r is not None]
+    by_tau = {t: summarize([r]) for s, t in points if s == args.tau_seed and (r := results_of(s, t)) is not None}
+    if not by_seed:
+        print("no finished run to summarize", file=sys.stderr)
+        return 1
+    folder = root / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds_md = seeds_table(summarize(by_seed))
+    tau_md = "\n\n".join(f"{label}\n\n{tau_table(by_tau, key)}" for key, label in
+                         ((MACRO_F1, "macro-F1"), (IID_PREFIX + MACRO_F1, "IID macro-F1"), (ROUTED_TO_NEIGHBOUR, "routed to neighbours")))
+    (folder / "seeds.md").write_text(f"tau = {preset_tau:g}, seeds {args.seeds} (mean ± sample std over seeds)\n\n{seeds_md}\n")
+    (folder / "tau.md").write_text(f"seed {args.tau_seed}, one run per tau\n\n{tau_md}\n")
+    (folder / "reproduce.json").write_text(json.dumps(
+        {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summarize(by_seed),
+         "tau-seed": args.tau_seed, "by-tau": {str(t): v for t, v in by_tau.items()}}, indent=2))
+    if len(by_tau) > 1:
+        metric_vs_tau(by_tau, MACRO_F1, "macro-F1 (same-distribution test)", folder / "macro_f1_vs_tau.png")
+        metric_vs_tau(by_tau, ROUTED_TO_NEIGHBOUR, "share routed to a neighbour (NMoE)", folder / "routed_vs_tau.png")
+    print(f"\n{seeds_md}\n\n{tau_md}\n\nWrote {folder}/seeds.md, tau.md, reproduce.json and the plots", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""nmoe-reproduce: reuse of finished runs, mean ± std over seeds, the tau table and plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nmoe_flwr.cli.reproduce import (
+    completed,
+    fmt,
+    run_name,
+    seeds_table,
+    summarize,
+    tau_table,
+)
+from nmoe_flwr.pipelines.plots import metric_vs_tau
+
+
+def _results(acc: float, f1: float, routed: float | None = None) -> dict:
+    nmoe = {"accuracy": acc, "macro-f1": f1, "iid-accuracy": acc - 0.2, "iid-macro-f1": f1 - 0.1}
+    if routed is not None:
+        nmoe["routed-to-neighbour"] = routed
+    return {"nmoe": {"mean": nmoe}, "personalized-expert": {"mean": {"accuracy": acc - 0.01, "macro-f1": f1 - 0.1}}}
+
+
+def test_fmt_is_mean_and_sample_std():
+    assert fmt([0.5, 0.7]) == "0.600 ± 0.141"  # sample std of (0.5, 0.7) = 0.1 * sqrt(2)
+    assert fmt([0.5]) == "0.500"
+    assert fmt([]) == "-"
+
+
+def test_summarize_collects_run_means_per_method_and_metric():
+    summary = summarize([_results(0.9, 0.6, 0.1), _results(0.95, 0.7, 0.3), {"nmoe": {"mean": {"accuracy": 0.8}}}])
+    assert summary["nmoe"]["accuracy"] == [0.9, 0.95, 0.8]
+    assert summary["nmoe"]["macro-f1"] == [0.6, 0.7]  # the third run has no macro-F1: left out, not zero
+    assert summary["nmoe"]["routed-to-neighbour"] == [0.1, 0.3]
+    assert "routed-to-neighbour" not in summary["personalized-expert"]
+    assert list(summary) == ["nmoe", "personalized-expert"]  # METHODS order
+
+
+def test_seeds_table_rows():
+    md = seeds_table(summarize([_results(0.9, 0.6, 0.1), _results(0.95, 0.7, 0.3)]))
+    nmoe = next(line for line in md.splitlines() if line.startswith("| NMoE"))
+    assert "0.925 ± 0.035" in nmoe and "0.650 ± 0.071" in nmoe and nmoe.endswith("| 2 |")
+    expert = next(line for line in md.splitlines() if line.startswith("| personalized expert"))
+    assert expert.count("| - ") == 3  # IID columns and routed share: not reported by that run
+
+
+def test_tau_table_has_a_column_per_tau():
+    md = tau_table({0.1: summarize([_results(0.9, 0.6)]), 0.5: summarize([_results(0.8, 0.75)])})
+    assert md.splitlines()[0] == "| method | tau = 0.1 | tau = 0.5 |"
+    assert "| 0.600 | 0.750 |" in md
+
+
+def test_completed_needs_status_seed_and_tau(tmp_path: Path):
+    path = tmp_path / "results.json"
+    assert not completed(path, 0, 0.1)
+    path.write_text(json.dumps({"run": {"status": "completed"}, "config": {"seed": 0, "tau": 0.1}}))
+    assert completed(path, 0, 0.1)
+    assert not completed(path, 1, 0.1) and not completed(path, 0, 0.3)
+    path.write_text(json.dumps({"run": {"status": "failed"}, "config": {"seed": 0, "tau": 0.1}}))
+    assert not completed(path, 0, 0.1)
+    assert run_name("reproduce", 2, 0.3) == "reproduce-s2-tau0.3"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_metric_vs_tau_writes_a_png(tmp_path: Path):
+    by_tau = {t: summarize([_results(0.9, f1, 0.2)]) for t, f1 in ((0.1, 0.6), (0.3, 0.7), (0.5, 0.8))}
+    out = metric_vs_tau(by_tau, "macro-f1", "macro-F1", tmp_path / "f1.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tables_only_summarizes_finished_runs(tmp_path: Path, capsys):
+    from nmoe_flwr.cli.reproduce import main
+
+    def finished(seed: int, tau: float, f1: float) -> None:
+        folder = tmp_path / run_name("rep", seed, tau)
+        folder.mkdir()
+        data = {"run": {"status": "completed"}, "config": {"seed": seed, "tau": tau}, "results": _results(0.9, f1, tau)}
+        (folder / "results.json").write_text(json.dumps(data))
+
+    finished(0, 0.1, 0.6)
+    finished(1, 0.1, 0.7)
+    finished(0, 0.5, 0.8)  # seed 2 and tau 0.3 never finished: left out, said so
+    code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "rep",
+                 "--seeds", "0,1,2", "--taus", "0.1,0.3,0.5", "--tables-only"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "rep-s2-tau0.1: not finished, left out" in out and "rep-s0-tau0.1: finished earlier, reused" in out
+    summary = tmp_path / "rep"
+    assert "0.650 ± 0.071" in (summary / "seeds.md").read_text()
+    assert "| tau = 0.1 | tau = 0.5 |" in (summary / "tau.md").read_text()
+    assert json.loads((summary / "reproduce.json").read_text())["seeds"]["nmoe"]["macro-f1"] == [0.6, 0.7]
+    assert (summary / "macro_f1_vs_tau.png").is_file() and (summary / "routed_vs_tau.png").is_file()

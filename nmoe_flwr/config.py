@@ -14,10 +14,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .algorithms.alignment import RULES
 from .data.registry import DATASETS
+
+RUN_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$"
+"""A run name is one plain folder name: no separators, no leading dot (it never escapes output-dir)."""
 
 FE_METHODS = ("fedce", "fedsc")
 """Stage-1 methods (``fe-method``); the server's registry is
@@ -35,13 +39,15 @@ def _kebab(name: str) -> str:
 class RunConfig(BaseModel):
     """Validated run config of the NMoE pipeline (keys are kebab-case)."""
 
+    # strict: a boolean is not a number and "0" is not False (an int is still a valid float);
+    # allow_inf_nan=False: infinity means something only where a field says so (dp-epsilon).
     model_config = ConfigDict(
-        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True, strict=True, allow_inf_nan=False
     )
 
     # Run and outputs
     seed: int = Field(0, ge=0)
-    run_name: str = ""  # "" -> "run-<flower run id>"
+    run_name: str = Field("", pattern=RUN_NAME_PATTERN)  # "" -> "run-<flower run id>"; a plain folder name
     output_dir: str = ""  # "" -> $NMOE_OUTPUT_DIR, else ./outputs
     stages: Literal["all", "fe"] = "all"  # "fe": stop after stage 1 (benchmarks)
     pipeline: Literal["nmoe", "alignment"] = "nmoe"  # alignment: global MoE with expert assignment
@@ -51,7 +57,7 @@ class RunConfig(BaseModel):
     data_dir: str = ""  # "" -> $NMOE_DATA_DIR, else the dataset's default folder
     hf_dataset: str = ""  # Hugging Face data set id; needs the [hf] extra + internet
     num_clients: int = Field(10, ge=2, le=1000)
-    train_per_client: int = Field(1000, ge=10)
+    train_per_client: int = Field(1000, ge=10)  # checked against the data set's size (see _cross_checks)
     test_per_client: int = Field(1000, ge=10)
     partition: Literal["iid", "dominant"] = "dominant"
     tau: float = Field(0.1, gt=0.0, lt=1.0)
@@ -59,14 +65,14 @@ class RunConfig(BaseModel):
     unlabeled_per_client: int = Field(0, ge=0)  # extra samples only FedSC sees
 
     # Shared training settings
-    batch_size: int = Field(128, ge=1)
-    mlp_hidden: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=65536)
+    mlp_hidden: int = Field(128, ge=1, le=8192)
     augment: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     torch_threads: int = Field(0, ge=0)  # 0 -> CPUs Flower gives each client
-    round_timeout: float = Field(3600.0, gt=0)
+    round_timeout: float = Field(3600.0, ge=1.0)  # seconds; below 1 s no client can answer
 
     # Stage 1: feature extractor
     fe_method: Literal[FE_METHODS] = "fedce"
@@ -93,7 +99,7 @@ class RunConfig(BaseModel):
     fedsc_corr_passes: int = Field(2, ge=1)  # augmented passes per correlation matrix
     fedsc_grad_clip: float = Field(3.0, gt=0)
     fedsc_stale_matrices: Literal["reuse", "drop"] = "reuse"
-    dp_epsilon: float = Field(8.0, gt=0)  # inf turns the noise off
+    dp_epsilon: float = Field(8.0, gt=0, allow_inf_nan=True)  # inf turns the noise off
     dp_delta: float = Field(1e-5, gt=0, lt=1)
 
     # Stage 2: personalized experts on cached latents
@@ -117,7 +123,7 @@ class RunConfig(BaseModel):
     top_k: int = Field(1, ge=1)
 
     # Capacity-aware global MoE (pipeline = "alignment")
-    num_experts: int = Field(16, ge=2)
+    num_experts: int = Field(16, ge=2, le=1024)
     capacity_tiers: str = ""  # "<tier>:<clients>,..."; "" -> every client "jetson-orin"
     assignment: Literal[RULES] = "load-balanced"  # algorithms/alignment.py
     moe_rounds: int = Field(40, ge=1)
@@ -149,8 +155,12 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"gate-train-top-k = {self.gate_train_top_k} exceeds num-clients = {n} experts"
             )
-        if not math.isfinite(self.round_timeout):
-            raise ValueError("round-timeout must be finite")
+        if math.isnan(self.dp_epsilon):
+            raise ValueError("dp-epsilon must be a number (inf turns the noise off), got nan")
+        if self.moe_train_top_k > self.num_experts:
+            raise ValueError(f"moe-train-top-k = {self.moe_train_top_k} exceeds num-experts = {self.num_experts}")
+        if not self.hf_dataset:
+            _check_sizes(self)
         if self.fe_method == "fedsc" and self.expert_init == "head":
             raise ValueError("expert-init = 'head' needs fe-method = 'fedce' (FedSC trains no head); use 'auto' or 'scratch'")
         if self.pipeline == "alignment":
@@ -174,6 +184,37 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
 
+def _check_sizes(cfg: RunConfig) -> None:
+    """Raise if the partition asks for more images of some class than the data set has.
+
+    Labelled and unlabelled training samples come from the training split
+    (disjoint), the test sets from the test split; the IID test set is drawn
+    from the test split on its own.
+    """
+    from .data.partition import class_counts
+
+    spec = DATASETS[cfg.dataset]
+    if spec.per_class is None:
+        return
+
+    def need(scheme: str, per_client: int) -> np.ndarray:
+        return sum(class_counts(scheme, cfg.tau, per_client, spec.num_classes, c) for c in range(cfg.num_clients))
+
+    test_scheme = cfg.partition if cfg.test_distribution == "same" else "iid"
+    asks = {
+        "train": (need(cfg.partition, cfg.train_per_client) + need(cfg.partition, cfg.unlabeled_per_client),
+                  "train-per-client + unlabeled-per-client"),
+        "test": (np.maximum(need(test_scheme, cfg.test_per_client), need("iid", cfg.test_per_client)), "test-per-client"),
+    }
+    for split, (counts, keys) in asks.items():
+        worst = int(np.argmax(counts))
+        if counts[worst] > spec.per_class[split]:
+            raise ValueError(
+                f"{keys} over {cfg.num_clients} clients (partition {cfg.partition!r}, tau {cfg.tau:g}) needs "
+                f"{int(counts[worst])} {split} images of class {worst}; {cfg.dataset} has {spec.per_class[split]} per class"
+            )
+
+
 def valid_keys() -> list[str]:
     """All run-config keys, kebab-case, in declaration order."""
     return [_kebab(name) for name in RunConfig.model_fields]
@@ -190,7 +231,12 @@ def allowed_values(key: str) -> str:
         for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             if getattr(m, attr, None) is not None:
                 bounds.append(f"{op} {getattr(m, attr)}")
+        if getattr(m, "pattern", None):
+            bounds.append(f"matching {m.pattern}")
     kind = getattr(field.annotation, "__name__", str(field.annotation))
+    if kind == "float":
+        infinite = any(getattr(m, "allow_inf_nan", None) for m in field.metadata)
+        kind = "float (inf allowed)" if infinite else "finite float"
     return kind + (" " + " and ".join(bounds) if bounds else "")
 
 

@@ -10,6 +10,7 @@ run with status ``failed`` and the error recorded.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -18,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from .config import parse_run_config
+from .config import RUN_NAME_PATTERN, ConfigError, parse_run_config
 from .pipelines.alignment import run_alignment
 from .pipelines.messaging import Federation
 from .pipelines.nmoe import run_nmoe
@@ -31,10 +32,27 @@ PIPELINES: dict[str, Callable[[Federation, RunRecorder], None]] = {"nmoe": run_n
 """``pipeline`` -> what the server runs once the clients are connected."""
 
 
+def _record_config_failure(context: Context, error: ConfigError) -> None:
+    """Mark a named run's folder ``failed`` when its name and output folder can be read from the raw config.
+
+    Otherwise an older results.json under the same run name would still say
+    "completed" after this run was refused. (An unnamed run has a fresh
+    ``run-<id>`` folder: nothing to overwrite, nothing written.)
+    """
+    name, out = context.run_config.get("run-name", ""), context.run_config.get("output-dir", "")
+    if name and isinstance(name, str) and isinstance(out, str) and re.fullmatch(RUN_NAME_PATTERN, name):
+        path = RunRecorder.config_failure(run_dir(out, name, context.run_id), context.run_config, context.run_id, error)
+        log(INFO, "Config refused; recorded in %s", path)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, discover the nodes, then run the pipeline."""
-    cfg = parse_run_config(context.run_config)  # fails the run before any work
+    try:
+        cfg = parse_run_config(context.run_config)  # fails the run before any work
+    except ConfigError as exc:
+        _record_config_failure(context, exc)
+        raise
     folder = run_dir(cfg.output_dir, cfg.run_name, context.run_id)
     rec = RunRecorder(folder, cfg.to_dict(), context.run_id)
     log(INFO, "nmoe-flwr run %s: results in %s", context.run_id, folder)

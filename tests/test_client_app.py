@@ -80,7 +80,7 @@ def test_client_stages_in_process(run_config):
     sent = from_record(reply.content[ARRAYS])
     assert set(sent) == set(shared)  # the local head never leaves the client
     assert reply.content[METRICS]["num-examples"] == 40
-    assert any(k.startswith("head.") for k in ctx.state[client_app.LOCAL_FEDCE].keys())
+    assert any(k.startswith("head.") for k in ctx.state[client_app.LOCAL_FEDCE])
 
     reply = client_app.train_expert(_msg(RecordDict({ARRAYS: reply.content[ARRAYS], CONFIG: ConfigRecord()}), "train.expert"), ctx)
     expert = from_record(reply.content[ARRAYS])

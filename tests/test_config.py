@@ -55,3 +55,50 @@ def test_config_is_frozen():
         cfg.tau = 0.5  # type: ignore[misc]
     assert [e["type"] for e in info.value.errors()] == ["frozen_instance"]
     assert cfg.tau == 0.1
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"fedce-rounds": True}, "'fedce-rounds' = True: Input should be a valid integer"),
+        ({"lr": True}, "'lr' = True: Input should be a valid number"),
+        ({"augment": "0"}, "'augment' = '0': Input should be a valid boolean"),
+        ({"seed": 1.0}, "'seed' = 1.0: Input should be a valid integer"),
+        ({"lr": float("inf")}, "'lr' = inf: Input should be a finite number"),
+        ({"gate-noise": float("inf")}, "'gate-noise' = inf"),
+        ({"fedsc-mu": float("nan")}, "'fedsc-mu' = nan"),
+        ({"load-cap-slack": float("inf")}, "'load-cap-slack' = inf"),
+        ({"run-name": "../../../escape"}, "'run-name' = '../../../escape'"),
+        ({"run-name": "/tmp/abs"}, "'run-name' = '/tmp/abs'"),
+        ({"run-name": ".hidden"}, "'run-name' = '.hidden'"),
+        ({"test-per-client": 20000}, "needs 20000 test images of class 0; fashion-mnist has 1000 per class"),
+        ({"train-per-client": 5500, "unlabeled-per-client": 600, "partition": "iid"}, "needs 6100 train images"),
+        ({"moe-train-top-k": 17}, "moe-train-top-k = 17 exceeds num-experts = 16"),
+        ({"mlp-hidden": 10**9}, "'mlp-hidden' = 1000000000"),
+        ({"round-timeout": 1e-9}, "'round-timeout' = 1e-09"),
+        ({"dp-epsilon": float("nan")}, "'dp-epsilon' = nan"),
+    ],
+)
+def test_no_coercion_no_infinity_no_escape_no_oversized_request(override, needle):
+    """Issue 12: values that used to be coerced or accepted are refused, naming the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({**DEFAULTS, **override})
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"lr": 1}, {"dp-epsilon": float("inf")}, {"run-name": "paper_s0-tau0.1"}, {"train-per-client": 6000, "partition": "iid"},
+     {"test-per-client": 1000}, {"dataset": "cifar10", "train-per-client": 5000, "partition": "iid"}],
+)
+def test_what_stays_allowed(override):
+    """An int is a valid float, inf means "no noise" for dp-epsilon, the data set's full size is usable."""
+    parse_run_config({**DEFAULTS, **override})
+
+
+def test_nmoe_run_refuses_a_typo_before_starting_anything(capsys):
+    from nmoe_flwr.cli.run import main
+
+    assert main(["--app", str(ROOT), "--set", "fedce-round=5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'fedce-round'" in err and "fedce-rounds" in err

@@ -16,7 +16,7 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint")
     assert hadolint, 'hadolint is part of the dev extra: pip install -e ".[dev]"'
     out = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"), str(DOCKER / dockerfile)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import processes_mentioning
 
 from nmoe_flwr.cli.run import launch
+from nmoe_flwr.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -75,8 +76,8 @@ def test_nmoe_stages_2_3_rerun_on_the_saved_stage_1(smoke_run, tmp_path):
     status, record = launch(
         ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420, log_file=tmp_path / "run.log",
         extra_env=_env(tmp_path),
-        overrides=[f'extractor-checkpoint="{folder / "extractor.pt"}" run-name="rerun" local-baseline=false '
-                   "centralized-baseline=false pooled-probe=false"],
+        overrides=[(f'extractor-checkpoint="{folder / "extractor.pt"}" run-name="rerun" local-baseline=false '
+                    "centralized-baseline=false pooled-probe=false")],
     )
     assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
     results = json.loads((tmp_path / "out" / "rerun" / "results.json").read_text())
@@ -103,9 +104,13 @@ def test_gate_validation_script_trains_gates_on_the_smoke_runs_stores(smoke_run)
 
 
 def test_bad_config_value_fails_the_run_fast(tmp_path):
+    with pytest.raises(ConfigError, match="key 'tau' = 1.5"):  # the launcher refuses it before starting anything
+        launch(ROOT, "tau=1.5", flwr_home=tmp_path / "flwr", extra_env=_env(tmp_path))
+    assert not (tmp_path / "flwr").exists()
+    # A plain `flwr run` has no launcher in front: the ServerApp refuses it and the run ends failed.
     status, record = launch(
         ROOT, "tau=1.5", num_supernodes=2, flwr_home=tmp_path / "flwr", timeout=180,
-        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
+        log_file=tmp_path / "run.log", extra_env=_env(tmp_path), check_config=False,
     )
     assert status == "finished:failed", record
     log = (tmp_path / "run.log").read_text()

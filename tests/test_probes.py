@@ -22,7 +22,13 @@ import math
 import pytest
 import torch
 
-from nmoe_flwr.algorithms.probes import class_balanced, knn_metrics, prior_adjusted, probe_features, router_ceiling
+from nmoe_flwr.algorithms.probes import (
+    class_balanced,
+    knn_metrics,
+    prior_adjusted,
+    probe_features,
+    router_ceiling,
+)
 from nmoe_flwr.algorithms.training import Runtime
 
 TRAIN = [(20, 0, 1.0), (70, 0, 3.0), (110, 1, 0.5), (160, 1, 2.0), (250, 2, 1.5), (290, 3, 0.25), (340, 3, 4.0)]

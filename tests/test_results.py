@@ -160,3 +160,38 @@ def test_timed_returns_the_value_and_records_the_duration(tmp_path):
     assert seconds == round(seconds, 3)
     rec.timing("manual", 1.23456)
     assert rec.data["timings-s"]["manual"] == 1.235
+
+
+def test_a_new_run_under_an_old_name_never_leaves_completed(tmp_path):
+    """Issue 12: opening a run folder replaces the earlier run's status at once; a refused config says failed."""
+    old = RunRecorder(tmp_path / "same", {"seed": 0}, run_id=1)
+    old.add_rounds("fedce", {1: {"loss": 1.0}})
+    old.save("completed")
+    assert (tmp_path / "same" / "rounds.csv").exists()
+    RunRecorder(tmp_path / "same", {"seed": 0}, run_id=2)
+    data = json.loads((tmp_path / "same" / "results.json").read_text())
+    assert data["run"]["status"] == "running" and data["run"]["run-id"] == 2
+    assert not (tmp_path / "same" / "rounds.csv").exists()
+    RunRecorder.config_failure(tmp_path / "same", {"lr": float("inf")}, 3, ValueError("bad lr"))
+    data = json.loads((tmp_path / "same" / "results.json").read_text())
+    assert data["run"]["status"] == "failed" and data["run"]["error"] == "ValueError: bad lr"
+    assert data["config"] == {"lr": "inf"}
+
+
+def test_server_app_marks_a_refused_run_failed(tmp_path):
+    from types import SimpleNamespace
+
+    from nmoe_flwr.config import ConfigError, parse_run_config
+    from nmoe_flwr.server_app import _record_config_failure
+
+    raw = {"run-name": "again", "output-dir": str(tmp_path), "fedce-round": 5}
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "results.json").write_text(json.dumps({"run": {"status": "completed"}}))
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(raw)
+    _record_config_failure(SimpleNamespace(run_config=raw, run_id=7), info.value)
+    data = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert data["run"]["status"] == "failed" and "unknown key 'fedce-round'" in data["run"]["error"]
+    # A run name that is not a plain name is never used as a path, not even to record the failure.
+    _record_config_failure(SimpleNamespace(run_config={**raw, "run-name": "../x"}, run_id=8), info.value)
+    assert not (tmp_path.parent / "x").exists()

@@ -31,6 +31,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ..config import ConfigError
 from .flwr_process import (
     TIMEOUT_EXIT_CODE,
     free_port,
@@ -38,6 +39,7 @@ from .flwr_process import (
     offline_env,
     run_status,
     stream_flwr_run,
+    validated_run_config,
     wait_healthy,
     write_run_config,
 )
@@ -137,6 +139,7 @@ def deploy(
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs["ca"]}"\n'
     )
     merged = merged_run_config(run_config, overrides)
+    validated_run_config(app, merged)  # raises ConfigError naming the key, before any process starts
     config_file = write_run_config(merged, workdir / "run-config.toml")
     run_name = str(merged.get("run-name", ""))
     outcome: dict = {"status": "not-started"}
@@ -194,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="certificates, logs, state and outputs of the deployment")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
-    outcome = deploy(args.app, args.run_config, args.nodes, args.workdir, args.set, timeout=args.timeout)
+    try:
+        outcome = deploy(args.app, args.run_config, args.nodes, args.workdir, args.set, timeout=args.timeout)
+    except ConfigError as exc:
+        print(f"nmoe-deploy-loopback: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(outcome, indent=2))
     ok = outcome.get("status") == "finished:completed" and outcome.get("results-status") == "completed"
     return 0 if ok else 1

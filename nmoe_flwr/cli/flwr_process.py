@@ -253,6 +253,23 @@ def merged_run_config(run_config: str | None, overrides: list[str] | None = None
     return merged
 
 
+def validated_run_config(app: Path, merged: dict):
+    """The app's defaults plus ``merged``, parsed into a :class:`~nmoe_flwr.config.RunConfig`.
+
+    Called by the launchers before any process starts, so that a typo'd key
+    or a bad value is reported here, naming the key, instead of as Flower's
+    bare "Invalid run configuration." with the reason only in the SuperLink's log.
+
+    Raises
+    ------
+    nmoe_flwr.config.ConfigError
+    """
+    from ..config import parse_run_config
+
+    defaults = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return parse_run_config({**defaults, **merged})
+
+
 def run_config_value(app: Path, merged: dict, key: str) -> object:
     """A key of the effective run config: the override, else the app's default."""
     if key in merged:

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ConfigError
 from .flwr_process import (
     TIMEOUT_EXIT_CODE,
     local_superlink,
@@ -32,6 +33,7 @@ from .flwr_process import (
     run_config_value,
     run_status,
     stream_flwr_run,
+    validated_run_config,
     write_run_config,
 )
 
@@ -47,12 +49,16 @@ def launch(
     log_file: Path | None = None,
     extra_env: dict[str, str] | None = None,
     overrides: list[str] | None = None,
+    check_config: bool = True,
 ) -> tuple[str, dict]:
     """Run the app through ``flwr run`` and return ``(status, flwr ls record)``.
 
     Streams the run's log to stdout (and to ``log_file`` if given);
     ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``);
     ``overrides`` (``"k=v ..."``) are applied on top of ``run_config``.
+    The merged config is validated first (:class:`~nmoe_flwr.config.ConfigError`
+    names the key); ``check_config=False`` leaves that to the ServerApp, as a
+    plain ``flwr run`` would.
     """
     app = app.resolve()
     flwr_home = (flwr_home or app / ".flwr").resolve()
@@ -61,6 +67,8 @@ def launch(
     # (the ServerApp's working directory is Flower's business, not the user's).
     env.setdefault("NMOE_OUTPUT_DIR", str(app / "outputs"))
     merged = merged_run_config(run_config, overrides)
+    if check_config:
+        validated_run_config(app, merged)  # raises ConfigError naming the key, before anything starts
     n = num_supernodes or int(run_config_value(app, merged, "num-clients"))
     federation = f"num-supernodes={n} client-resources-num-cpus={cpus_per_client}"
     if gpus_per_client:
@@ -106,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
-    status, record = launch(
-        args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
-        args.flwr_home, args.timeout, args.log_file, overrides=args.set,
-    )
+    try:
+        status, record = launch(
+            args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
+            args.flwr_home, args.timeout, args.log_file, overrides=args.set,
+        )
+    except ConfigError as exc:
+        print(f"nmoe-run: {exc}", file=sys.stderr)
+        return 2
     print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
     return 0 if status == "finished:completed" else 1
 

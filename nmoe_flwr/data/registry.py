@@ -10,7 +10,7 @@ whole change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,10 @@ class DatasetSpec:
     hint : str
         How to obtain the data; appended to every error about missing or
         corrupt files.
+    per_class : mapping of str to int, optional
+        Images of each class in each split (``{"train": ..., "test": ...}``),
+        for balanced data sets; the run config checks partitions against it
+        before anything starts. ``None``: not known (checked when loading).
     files : callable
         ``files(split, folder) -> list[Path]``: the source files of ``split``
         (one of :data:`SPLITS`) in ``folder``, in a fixed order.  Raises
@@ -115,6 +119,7 @@ class DatasetSpec:
     hint: str
     files: FilesFn
     decode: DecodeFn
+    per_class: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.channels < 1:
@@ -164,6 +169,7 @@ FASHION_MNIST = DatasetSpec(
     ),
     files=_fashion_mnist_files,
     decode=_fashion_mnist_decode,
+    per_class={"train": 6000, "test": 1000},
 )
 
 
@@ -192,6 +198,7 @@ CIFAR10 = DatasetSpec(
     ),
     files=_cifar10_files,
     decode=_cifar10_decode,
+    per_class={"train": 5000, "test": 1000},
 )
 
 

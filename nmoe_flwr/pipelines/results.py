@@ -78,6 +78,16 @@ class RunRecorder:
             "results": {},
         }
         self.rounds: list[dict[str, Any]] = []
+        # A run reusing a run name must not leave the earlier run's files claiming "completed".
+        (folder / "rounds.csv").unlink(missing_ok=True)
+        self.save()
+
+    @classmethod
+    def config_failure(cls, folder: Path, raw_config: Mapping[str, Any], run_id: int, error: Exception) -> Path:
+        """Write a ``failed`` results.json for a run whose config was refused (replacing an older run's)."""
+        rec = cls(folder, jsonable(dict(raw_config)), run_id)
+        rec.note("error", f"{type(error).__name__}: {error}")
+        return rec.save("failed")
 
     def timing(self, name: str, seconds: float) -> None:
         """Record the wall time of a step of the server's work."""

@@ -61,3 +61,15 @@ def write_learnable_fmnist(folder: Path, n_train: int = 400, n_test: int = 200, 
         with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
             fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
     return folder
+
+
+def reply_from(node_id: int, content, message_type: str = "train"):
+    """A Message as node ``node_id`` would send it (Flower stamps the sender from the task identity)."""
+    from flwr.app import Message
+
+    saved = TaskIdentity._node_id
+    TaskIdentity._node_id = node_id
+    try:
+        return Message(content, dst_node_id=0, message_type=message_type)
+    finally:
+        TaskIdentity._node_id = saved

@@ -60,7 +60,7 @@ def write_fmnist(folder: Path, split: str = "test", n: int = 7, gz: bool = True,
     return images, labels
 
 
-def write_cifar(folder: Path, n: int = 20):
+def write_cifar(folder: Path, n: int = 20, protocol: int = 4):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     batches = {}
@@ -70,7 +70,7 @@ def write_cifar(folder: Path, n: int = 20):
         batch = {b"batch_label": name.encode(), b"data": data, b"labels": labels}
         # Protocol 4 stores bytes natively and arrays via _reconstruct, like the
         # official (Python 2, protocol 2) files once read with encoding="bytes".
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         batches[name] = (data, labels)
     return batches
 
@@ -150,6 +150,16 @@ def test_cifar_roundtrip(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def test_cifar_written_by_python3_protocol_2_loads(tmp_path):
+    """Python 3's protocol 2 pickles bytes through _codecs.encode; issue 12 found those refused."""
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = write_cifar(folder, protocol=2)
+    test = load_split("cifar10", "test", folder)
+    data, labels = batches["test_batch"]
+    np.testing.assert_array_equal(test.images.numpy().reshape(len(labels), -1), data)
+    assert test.labels.tolist() == labels
 
 
 def test_cifar_forbidden_global(tmp_path):

@@ -37,3 +37,28 @@ def test_node_without_partition_id_fails_fast_naming_the_key(tmp_path):
     assert "node_config lacks partition-id;" in outcome["details"]
     assert outcome["wall-seconds"] < 120
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_sigterm_of_the_launcher_stops_every_process_it_started(tmp_path):
+    """Issue 12: `kill -TERM` of nmoe-deploy-loopback left 13 processes running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "nmoe_flwr.cli.deploy_loopback", "--app", str(ROOT), "--workdir", str(tmp_path),
+           "--run-config", str(ROOT / "configs" / "deploy-smoke.toml"), "--timeout", "300"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # Wait until the SuperLink and the SuperNodes are up (they mention the workdir).
+        while len(processes_mentioning(str(tmp_path))) < 5 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(processes_mentioning(str(tmp_path))) >= 5, "the deployment did not start"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_mentioning(str(tmp_path)) == []

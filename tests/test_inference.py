@@ -36,6 +36,9 @@ def test_wire_round_trip_and_rejections():
         (good[:10], "truncated|shorter"),
         (good[:-4], "needs"),
         (good[:5] + bytes([9]) + good[6:], "dtype code"),
+        # 65536^4 elements: an int64 product wraps to 0 and matched an empty body (issue 12).
+        (b"NMOE" + struct.pack("<BBBB", 1, 1, 4, 0) + struct.pack("<4I", 65536, 65536, 65536, 65536), "needs"),
+        (b"NMOE" + struct.pack("<BBBB", 1, 1, 2, 0) + struct.pack("<2I", 0, 64), "empty dimension"),
     ]:
         with pytest.raises(WireError, match=why):
             decode(bad)
@@ -138,8 +141,11 @@ def _channel_call(address):
         (lambda: b"NMOE" + struct.pack("<BBBB", 1, 7, 2, 0) + struct.pack("<II", 1, 64) + bytes(256),
          (("authorization", f"Bearer {TOKEN}"),), grpc.StatusCode.INVALID_ARGUMENT),
         (lambda: b"x" * (17 * 1024 * 1024), (("authorization", f"Bearer {TOKEN}"),), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (lambda: b"NMOE" + struct.pack("<BBBB", 1, 1, 4, 0) + struct.pack("<4I", *(4 * (65536,))),
+         (("authorization", f"Bearer {TOKEN}"),), grpc.StatusCode.INVALID_ARGUMENT),
     ],
-    ids=["no-token", "wrong-token", "garbage", "wrong-dim", "wrong-ndim", "oversize-batch", "wrong-dtype", "oversize-message"],
+    ids=["no-token", "wrong-token", "garbage", "wrong-dim", "wrong-ndim", "oversize-batch", "wrong-dtype", "oversize-message",
+         "overflowing-shape"],
 )
 def test_malformed_requests_are_rejected_and_the_server_keeps_serving(servers, payload, metadata, code):
     addresses, _ = servers

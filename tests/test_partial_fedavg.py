@@ -46,8 +46,15 @@ def test_configure_train_sends_only_shared_entries_with_prefixes_and_message_typ
         assert m.content["config"]["server-round"] == 1
 
 
+def _configured(prefixes, **entries) -> PartialFedAvg:
+    """A strategy that has sent ``entries`` (so replies can be checked against them)."""
+    strategy = PartialFedAvg(prefixes, min_available_nodes=1)
+    list(strategy.configure_train(1, _arrays(**entries), ConfigRecord(), _Nodes([1, 2])))
+    return strategy
+
+
 def test_shared_entries_are_averaged_by_example_count():
-    strategy = PartialFedAvg(["shared."])
+    strategy = _configured(["shared."], shared__w=[0.0, 0.0])
     replies = [_reply({"shared.w": [1.0, 2.0]}, 1), _reply({"shared.w": [3.0, 6.0]}, 3)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     # (1*[1, 2] + 3*[3, 6]) / 4 = [2.5, 5.0]; train-loss (1*1 + 3*3) / 4 = 2.5
@@ -56,7 +63,7 @@ def test_shared_entries_are_averaged_by_example_count():
 
 
 def test_local_entries_in_replies_are_dropped_not_averaged():
-    strategy = PartialFedAvg(["shared."])
+    strategy = _configured(["shared."], shared__w=[0.0], decision__w=[0.0])
     replies = [
         _reply({"shared.w": [0.0], "decision.w": [100.0]}, 2),
         _reply({"shared.w": [4.0], "decision.w": [-100.0]}, 2),

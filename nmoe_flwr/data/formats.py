@@ -10,6 +10,7 @@ registry.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import pickle
 from collections.abc import Sequence
@@ -181,6 +182,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3's pickle protocol <= 2 writes bytes as _codecs.encode(str, "latin1"):
+        # a pure text-to-bytes transform, so batches re-saved by Python 3 load too.
+        ("_codecs", "encode"),
     })
 
     def find_class(self, module: str, name: str):
@@ -188,6 +192,8 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
         if name == "_reconstruct":
             return _np_reconstruct()
+        if module == "_codecs":
+            return codecs.encode
         return getattr(np, name)
 
 

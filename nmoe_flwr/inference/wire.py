@@ -10,6 +10,7 @@ exact data length before it builds a tensor.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -60,8 +61,11 @@ def decode(data: bytes, max_bytes: int | None = None) -> Tensor:
     if len(data) < offset:
         raise WireError("truncated shape header")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEAD.size)
+    if 0 in shape:
+        raise WireError(f"shape {tuple(shape)} has an empty dimension")
     dtype = np.dtype(DTYPES[code]).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: numpy's int64 product of e.g. 65536^4 wraps to 0 and would "match" an empty body.
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) - offset != expected:
         raise WireError(f"data is {len(data) - offset} bytes, shape {tuple(shape)} needs {expected}")
     array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)

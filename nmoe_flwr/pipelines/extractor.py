@@ -89,6 +89,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         train_message_type=MSG_FEDSC,
         stale_matrices=cfg.fedsc_stale_matrices,
         timeout=cfg.round_timeout,
+        correlation_dim=cfg.fedsc_proj_dim,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_available_nodes=cfg.num_clients,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -27,6 +27,14 @@ from ..constants import (
     SIM_SECONDS,
     TRAIN_LOSS,
     moe_expert_prefix,
+)
+from .validation import (
+    array_problem,
+    array_spec,
+    common_metrics,
+    metric_problem,
+    screen,
+    single_records,
 )
 
 
@@ -116,6 +124,12 @@ class ExpertAssignment(FedAvg):
     ``"routing-share"`` (length-E list: share of its samples its unrestricted
     router sends to each expert).
 
+    Replies are checked first (:mod:`nmoe_flwr.strategies.validation`):
+    exactly the entries that were sent to that node (so no node can write an
+    expert it was not assigned), with their shapes, finite values, every
+    metric above with the right list lengths, a positive ``"num-examples"``.
+    A bad reply is dropped for the round with a warning naming the node.
+
     Evaluation uses FedAvg's ``configure_evaluate`` with
     ``evaluate_message_type``; the client scores the full global model.
     """
@@ -134,6 +148,7 @@ class ExpertAssignment(FedAvg):
         cap_slack: float = 1.0,
         train_message_type: str = "train.moe",
         evaluate_message_type: str = "evaluate.moe",
+        min_replies: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -146,6 +161,8 @@ class ExpertAssignment(FedAvg):
         self._global: ArrayRecord | None = None
         self._assigned: dict[int, list[int]] = {}
         self._bytes_down: dict[int, int] = {}
+        self._sent: dict[int, dict] = {}  # node -> spec of the entries sent this round
+        self.min_replies = min_replies  # fewest valid replies a round goes on with (RoundFailed below)
 
     def summary(self) -> None:
         """Log the rule and the capacities, then FedAvg's summary."""
@@ -171,6 +188,7 @@ class ExpertAssignment(FedAvg):
             prefixes = (MOE_GATE_PREFIX, *(moe_expert_prefix(j) for j in self._assigned[node]))
             subset = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(prefixes)})
             self._bytes_down[node] = record_bytes(subset)
+            self._sent[node] = array_spec(subset)
             cfg = ConfigRecord({**dict(config), ASSIGNED_EXPERTS: self._assigned[node]})
             content = RecordDict({self.arrayrecord_key: subset, self.configrecord_key: cfg})
             messages.append(Message(content, dst_node_id=node, message_type=self.train_message_type))
@@ -180,16 +198,12 @@ class ExpertAssignment(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Per-expert aggregation, score updates, bytes and simulated time."""
-        valid = []
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "Node %s failed round %d: %s", reply.metadata.src_node_id, server_round, reply.error.reason)
-            else:
-                valid.append(reply)
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
+        valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
+                       min_replies=self.min_replies)
         # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
         valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
-        if not valid or self._global is None:
-            return None, None
         current = {k: v.numpy() for k, v in self._global.items()}
         updates, assigned, shares, gains, seconds, bytes_up = [], {}, {}, {}, {}, {}
         for reply in valid:
@@ -216,6 +230,39 @@ class ExpertAssignment(FedAvg):
             TRAIN_LOSS: loss, BYTES: sum(down.values()) + sum(bytes_up.values()), SIM_SECONDS: sim,
         })
         return ArrayRecord({k: Array(v) for k, v in state.items()}), metrics
+
+    def reply_problem(self, reply: Message) -> str | None:
+        """Why a training reply breaks the client contract, or ``None``."""
+        node = reply.metadata.src_node_id
+        if node not in self._sent:
+            return "not asked this round"
+        arrays, metrics, problem = single_records(reply, self.arrayrecord_key)
+        if problem or (problem := array_problem(arrays, self._sent[node])):
+            return problem
+        required = (TRAIN_LOSS, SECONDS, EXPERT_ROUTED, EXPERT_IMPROVEMENT, ROUTING_SHARE)
+        if problem := metric_problem(metrics, required, NUM_EXAMPLES):
+            return problem
+        lengths = {EXPERT_ROUTED: len(self._assigned[node]), EXPERT_IMPROVEMENT: len(self._assigned[node]),
+                   ROUTING_SHARE: self.num_experts}
+        for key, n in lengths.items():
+            value = metrics[key]
+            if not isinstance(value, list) or len(value) != n:
+                return f"metric {key!r} must be a list of {n} values"
+        return None
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's weighted mean of the evaluation metrics, over the valid replies."""
+        valid = screen(replies, self.evaluate_problem, what=self.evaluate_message_type, server_round=server_round,
+                       min_replies=self.min_replies)
+        common_metrics(valid)
+        return super().aggregate_evaluate(server_round, valid)
+
+    def evaluate_problem(self, reply: Message) -> str | None:
+        """Why an evaluation reply cannot be averaged (one MetricRecord, finite, ``num-examples`` > 0), or ``None``."""
+        _, metrics, problem = single_records(reply, None)
+        return problem or metric_problem(metrics, (), self.weighted_by_key)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

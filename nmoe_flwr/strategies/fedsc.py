@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -19,6 +20,15 @@ from ..constants import (
     METRICS,
     NUM_EXAMPLES,
     R_EXT_KEY,
+)
+from .validation import (
+    array_problem,
+    array_spec,
+    cast_like,
+    common_metrics,
+    metric_problem,
+    screen,
+    single_records,
 )
 
 
@@ -60,6 +70,12 @@ class FedSC(FedAvg):
        ``train_message_type``; nodes train and reply like FedAvg clients;
     3. average the weights by ``num-examples`` (FedAvg).
 
+    Both phases check every reply first (:mod:`nmoe_flwr.strategies.validation`):
+    a matrix must be finite and ``(d, d)``, a weight positive and finite,
+    trained weights must have the entries, shapes and dtypes that were sent.
+    A bad reply is dropped for the round with a warning naming the node; it
+    never reaches another node's ``R_ext`` nor the average.
+
     **BatchNorm is averaged** like every other entry: NMoE needs one extractor
     ``F`` shared by all clients (a latent computed on one device is scored
     by another device's expert), which per-client BN statistics (FedBN) would
@@ -81,6 +97,12 @@ class FedSC(FedAvg):
     stale_matrices : {"reuse", "drop"}
     timeout : float
         Seconds to wait for the correlation replies.
+    correlation_dim : int, optional
+        ``d`` of the ``(d, d)`` matrices; ``None`` takes the most common
+        square shape of the first round's replies.
+    min_replies : int
+        Fewest valid replies (each phase) a round goes on with; fewer fail
+        the run with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -93,6 +115,8 @@ class FedSC(FedAvg):
         train_message_type: str = "train.fedsc",
         stale_matrices: str = "reuse",
         timeout: float = 3600.0,
+        correlation_dim: int | None = None,
+        min_replies: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -103,6 +127,9 @@ class FedSC(FedAvg):
         self.train_message_type = train_message_type
         self.stale_matrices = stale_matrices
         self.timeout = timeout
+        self.correlation_dim = correlation_dim
+        self.min_replies = min_replies
+        self._sent: dict | None = None  # spec of the weights sent this round
         self.matrices: dict[int, CorrelationEntry] = {}
         self.releases: dict[int, int] = {}  # node -> matrices sent (for privacy accounting)
 
@@ -111,13 +138,41 @@ class FedSC(FedAvg):
         log(INFO, "\t├──> FedSC: stale matrices %s, alpha(1) = %.3f", self.stale_matrices, self.alpha(1))
         super().summary()
 
+    def correlation_problem(self, reply: Message) -> str | None:
+        """Why a correlation reply breaks the contract (matrix ``(d, d)`` and finite, weight > 0), or ``None``."""
+        if CORRELATION not in reply.content.array_records:
+            return f"no ArrayRecord {CORRELATION!r}"
+        record = reply.content.array_records[CORRELATION]
+        if CORRELATION_KEY not in record:
+            return f"no entry {CORRELATION_KEY!r} in {CORRELATION!r}"
+        d = self.correlation_dim
+        expected = {CORRELATION_KEY: ((d, d), str(record[CORRELATION_KEY].dtype))}
+        if METRICS not in reply.content.metric_records:
+            return f"no MetricRecord {METRICS!r}"
+        return (array_problem(ArrayRecord({CORRELATION_KEY: record[CORRELATION_KEY]}), expected)
+                or metric_problem(reply.content.metric_records[METRICS], (), NUM_EXAMPLES))
+
+    def _settle_dim(self, replies: list[Message]) -> None:
+        """Fix ``d`` from the most common square matrix shape, if not given."""
+        if self.correlation_dim is not None:
+            return
+        shapes = [
+            tuple(r.content[CORRELATION][CORRELATION_KEY].shape) for r in replies
+            if not r.has_error() and CORRELATION in r.content.array_records
+            and CORRELATION_KEY in r.content[CORRELATION]
+        ]
+        square = [s[0] for s in shapes if len(s) == 2 and s[0] == s[1] and s[0] > 0]
+        if square:
+            self.correlation_dim = Counter(square).most_common(1)[0][0]
+
     def collect_matrices(self, server_round: int, replies: Iterable[Message]) -> None:
-        """Store the matrices of the correlation phase (and apply the stale policy)."""
+        """Store the valid matrices of the correlation phase (and apply the stale policy)."""
+        replies = list(replies)
+        self._settle_dim(replies)
+        valid = screen(replies, self.correlation_problem, what=self.correlation_message_type,
+                       server_round=server_round, min_replies=self.min_replies)
         fresh = {}
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "Node %s sent no correlation matrix: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
+        for reply in valid:
             node = reply.metadata.src_node_id
             matrix = reply.content[CORRELATION][CORRELATION_KEY].numpy()
             weight = float(reply.content[METRICS][NUM_EXAMPLES])
@@ -134,14 +189,27 @@ class FedSC(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg of the weights, with replies in node order (reproducible float sums)."""
-        return super().aggregate_train(server_round, sorted(replies, key=lambda r: r.metadata.src_node_id))
+        """FedAvg of the valid replies' weights, in node order (reproducible float sums)."""
+        if self._sent is None:
+            raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
+        valid = screen(replies, self.train_problem, what=self.train_message_type, server_round=server_round,
+                       min_replies=self.min_replies)
+        common_metrics(valid)
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.
+        return (cast_like(arrays, self._sent) if arrays is not None else None), metrics
+
+    def train_problem(self, reply: Message) -> str | None:
+        """Why a training reply breaks the contract (FedAvg's: the sent entries back, a weight), or ``None``."""
+        arrays, metrics, problem = single_records(reply, self.arrayrecord_key)
+        return problem or array_problem(arrays, self._sent or {}) or metric_problem(metrics, (), self.weighted_by_key)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, run the correlation phase, then build per-node training messages."""
         sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
+        self._sent = array_spec(arrays)
         config[ALPHA] = float(self.alpha(server_round))
         queries = [
             Message(

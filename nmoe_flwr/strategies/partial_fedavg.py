@@ -11,6 +11,15 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..constants import SHARED_PREFIXES
+from .validation import (
+    array_problem,
+    array_spec,
+    cast_like,
+    common_metrics,
+    metric_problem,
+    screen,
+    single_records,
+)
 
 
 def split_shared(arrays: ArrayRecord, prefixes: Sequence[str]) -> tuple[ArrayRecord, list[str]]:
@@ -46,6 +55,14 @@ class PartialFedAvg(FedAvg):
     ArrayRecord holding exactly the shared entries and one MetricRecord with
     ``"num-examples"`` (the weight of its update).
 
+    Replies are checked before averaging
+    (:mod:`nmoe_flwr.strategies.validation`): the shared entries with the
+    shapes and dtypes that were sent, finite values, a positive finite
+    ``"num-examples"``. Local entries in a reply are dropped with a warning;
+    any other bad reply is dropped for the round with a warning naming the
+    node and the reason. The strategy's result (``Result.arrays``) holds the
+    shared entries only: the local ones never leave the clients.
+
     Parameters
     ----------
     shared_prefixes : sequence of str
@@ -53,6 +70,9 @@ class PartialFedAvg(FedAvg):
     train_message_type : str
         Message type of the training messages, e.g. ``"train.gate"`` to reach
         a ClientApp handler registered with ``@app.train("gate")``.
+    min_replies : int
+        Fewest valid replies a round is averaged from; fewer fail the run
+        with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -62,11 +82,14 @@ class PartialFedAvg(FedAvg):
         shared_prefixes: Sequence[str],
         *,
         train_message_type: str = MessageType.TRAIN,
+        min_replies: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.shared_prefixes = tuple(shared_prefixes)
         self.train_message_type = train_message_type
+        self.min_replies = min_replies
+        self._sent: dict | None = None  # spec of the shared entries sent this round
 
     def summary(self) -> None:
         """Log the shared prefixes, then FedAvg's summary."""
@@ -77,7 +100,11 @@ class PartialFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send only the shared entries, and the prefixes, to the sampled nodes."""
-        shared, _ = split_shared(arrays, self.shared_prefixes)
+        shared, local = split_shared(arrays, self.shared_prefixes)
+        if self._sent is None and local:
+            log(INFO, "PartialFedAvg: %d local entries (%s...) stay on the clients and are not in the result",
+                len(local), local[:3])
+        self._sent = array_spec(shared)
         config[SHARED_PREFIXES] = list(self.shared_prefixes)
         messages = list(super().configure_train(server_round, shared, config, grid))
         for message in messages:
@@ -87,9 +114,10 @@ class PartialFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop local entries from the replies, then average by example count."""
-        # Replies arrive in any order; sorting by node makes the float sums reproducible.
-        replies = sorted(replies, key=lambda r: r.metadata.src_node_id)
+        """Drop local entries from the replies, drop invalid replies, then average by example count."""
+        if self._sent is None:
+            raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
+        replies = list(replies)
         for reply in replies:
             if reply.has_error():
                 continue
@@ -103,4 +131,15 @@ class PartialFedAvg(FedAvg):
                         dropped[:5],
                     )
                     reply.content[key] = shared
-        return super().aggregate_train(server_round, replies)
+        valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
+                       min_replies=self.min_replies)
+        common_metrics(valid)
+        # Sorted by node (screen): the float sums do not depend on arrival order.
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.
+        return (cast_like(arrays, self._sent) if arrays is not None else None), metrics
+
+    def reply_problem(self, reply: Message) -> str | None:
+        """Why a training reply breaks the client contract, or ``None``."""
+        arrays, metrics, problem = single_records(reply, self.arrayrecord_key)
+        return problem or array_problem(arrays, self._sent or {}) or metric_problem(metrics, (), self.weighted_by_key)

@@ -76,6 +76,7 @@ from .constants import (
     moe_expert_prefix,
 )
 from .data import ClientSplits, ImageSet
+from .faults import inject
 from .inference.checkpoint import write_checkpoint
 from .inference.evaluation import nmoe_metrics
 from .records import (
@@ -151,6 +152,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
     split = env.splits()
     config = msg.content[CONFIG]
     rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
+    inject(env.cfg, env.partition_id, "fedce", rnd)
     model = _classifier(env, split)
     load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
     model = env.runtime.prepare(model)
@@ -202,6 +204,7 @@ def fedsc_correlation(msg: Message, context: Context) -> Message:
     x = _ssl_images(split)
     config = msg.content[CONFIG]
     rnd = int(config[SERVER_ROUND])
+    inject(env.cfg, env.partition_id, "fedsc", rnd)  # failing here leaves the node out of the round's training
     model = _ssl_model(env, split, msg)
     r = fedsc.fedsc_correlation(model, x.to(env.runtime.device), env.cfg, env.runtime, env.seed("corr", rnd))
     mechanism = GaussianMechanism(float(config.get(NOISE_MULTIPLIER, 0.0)), env.cfg.dp_delta)
@@ -285,6 +288,8 @@ def train_expert(msg: Message, context: Context) -> Message:
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
+    # After the latents are cached: a client whose expert is lost still routes (to the others' experts).
+    inject(env.cfg, env.partition_id, "expert", 0)
     head = strip_prefix(model.state_dict(), HEAD_PREFIX)
     has_head = _has_trained_head(msg, context)
     from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and has_head)
@@ -338,6 +343,7 @@ def train_moe(msg: Message, context: Context) -> Message:
     split = env.splits()
     rt = env.runtime
     config = msg.content[CONFIG]
+    inject(env.cfg, env.partition_id, "moe", int(config[SERVER_ROUND]))
     assigned = [int(j) for j in config[ASSIGNED_EXPERTS]]
     model = _global_moe(env, msg, split.train.num_classes)
     out = global_moe.train_moe_round(
@@ -376,16 +382,17 @@ def store_expert_bank(msg: Message, context: Context) -> Message:
     return _reply(msg, {PARTITION_ID: env.partition_id, NUM_EXPERTS: len(bank)})
 
 
-def _frozen_bank(env: ClientEnv, num_classes: int) -> list[nn.Module]:
-    """Every client's frozen expert, in expert-id order, on the training device."""
-    return experts.frozen_bank(env.store.bank().values(), env.cfg.mlp_hidden, num_classes, env.runtime)
+def _frozen_bank(env: ClientEnv, num_classes: int) -> list[nn.Module | None]:
+    """Every client's frozen expert by expert id, on the training device (``None``: lost in stage 2)."""
+    return experts.frozen_bank(env.store.bank(), env.cfg.num_clients, env.cfg.mlp_hidden, num_classes, env.runtime)
 
 
-def _gate(env: ClientEnv, msg: Message, context: Context) -> nn.Module:
-    """This client's gate: the server's shared layers over its own local ones."""
+def _gate(env: ClientEnv, msg: Message, context: Context, bank: list[nn.Module | None]) -> nn.Module:
+    """This client's gate: the server's shared layers over its own local ones;
+    experts missing from ``bank`` are masked."""
     g = gate.new_gate(env.cfg.mlp_hidden, env.cfg.num_clients, derive_seed(env.cfg.seed, "gate-init"))
     load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE)
-    return env.runtime.prepare(g)
+    return env.runtime.prepare(gate.mask_missing(g, gate.available(bank)))
 
 
 @app.train(_name(MSG_GATE))
@@ -397,15 +404,18 @@ def train_gate(msg: Message, context: Context) -> Message:
     rt = env.runtime
     config = msg.content[CONFIG]
     rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
+    inject(env.cfg, env.partition_id, "gate", rnd)
     latents = env.store.latents("train").to(rt.device)
-    probs = gate.bank_probs(_frozen_bank(env, split.train.num_classes), latents)
-    own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 else None
+    bank = _frozen_bank(env, split.train.num_classes)
+    probs = gate.bank_probs(bank, latents)
+    own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 and bank[env.partition_id] is not None else None
     if own_oof is not None:
         probs[:, env.partition_id] = own_oof.to(probs.device)
-    g = _gate(env, msg, context)
+    g = _gate(env, msg, context, bank)
     labels = split.train.labels.to(rt.device)
     stats = gate.train_gate(
         g, latents, labels, probs, env.cfg, rt, server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
+        present=gate.available(bank),
     )
     metrics = _fit_metrics(stats)
     owners = _owners(env, split.train.num_classes)
@@ -433,7 +443,7 @@ def evaluate_nmoe(msg: Message, context: Context) -> Message:
     split = env.splits()
     num_classes = split.test.num_classes
     bank = _frozen_bank(env, num_classes)
-    g = _gate(env, msg, context)
+    g = _gate(env, msg, context, bank)
     owners = _owners(env, num_classes)
 
     def score(prefix: str, data: ImageSet) -> dict[str, float]:
@@ -446,7 +456,8 @@ def evaluate_nmoe(msg: Message, context: Context) -> Message:
         return metrics
 
     metrics = _on_tests(split, score)
-    _write_checkpoint(env, g, bank[env.partition_id], split)
+    if bank[env.partition_id] is not None:  # a device whose expert was lost serves none
+        _write_checkpoint(env, g, bank[env.partition_id], split)
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
 
 

@@ -73,6 +73,8 @@ class RunConfig(BaseModel):
     channels_last: bool = True
     torch_threads: int = Field(0, ge=0)  # 0 -> CPUs Flower gives each client
     round_timeout: float = Field(3600.0, ge=1.0)  # seconds; below 1 s no client can answer
+    fault_drop_rate: float = Field(0.0, ge=0, lt=1)  # simulation: share of clients failing each training round (nmoe_flwr/faults.py)
+    fault_straggler_rate: float = Field(0.0, ge=0, lt=1)  # simulation: share answering after round-timeout
 
     # Stage 1: feature extractor
     fe_method: Literal[FE_METHODS] = "fedce"
@@ -155,6 +157,8 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"gate-train-top-k = {self.gate_train_top_k} exceeds num-clients = {n} experts"
             )
+        if self.fault_drop_rate + self.fault_straggler_rate >= 1:
+            raise ValueError("fault-drop-rate + fault-straggler-rate must be < 1 (some client has to answer)")
         if math.isnan(self.dp_epsilon):
             raise ValueError("dp-epsilon must be a number (inf turns the noise off), got nan")
         if self.moe_train_top_k > self.num_experts:

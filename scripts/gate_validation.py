@@ -48,7 +48,10 @@ def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float,
     ``train`` and ``val`` (seeded); the own expert's column holds its out-of-fold answers."""
     split = store.load_splits()
     num_classes = split.train.num_classes
-    bank = frozen_bank(store.bank().values(), mlp_hidden, num_classes, runtime)
+    stored = store.bank()
+    bank = frozen_bank(stored, max(stored) + 1, mlp_hidden, num_classes, runtime)
+    if any(e is None for e in bank):
+        raise SystemExit(f"{store.folder}: the expert bank lacks experts (a faulted run); use a complete run")
     latents, labels = store.latents("train"), split.train.labels
     probs = gates.bank_probs(bank, latents)
     own = store.own_oof()

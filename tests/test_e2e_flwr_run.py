@@ -202,3 +202,36 @@ def test_smoke_checkpoints_served_over_grpc_match_training_time_evaluation(smoke
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
+
+
+def test_smoke_with_30_percent_drop_outs_completes_and_records_who_was_missing(tmp_path):
+    """Issue 12.2: each round goes on with the clients that answered; a lost expert is left out of the bank."""
+    from nmoe_flwr.faults import fault_of
+
+    rate, seed = 0.3, 2  # seed 2: drop-outs in most rounds and one lost expert (partition 1)
+    status, record = launch(
+        ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp_path / "flwr", timeout=420,
+        log_file=tmp_path / "run.log", extra_env=_env(tmp_path),
+        overrides=[f"seed={seed} fault-drop-rate={rate} local-baseline=false centralized-baseline=false pooled-probe=false"],
+    )
+    assert status == "finished:completed", (record, (tmp_path / "run.log").read_text()[-3000:])
+    results = json.loads((tmp_path / "out" / "smoke" / "results.json").read_text())
+
+    def expected(stage: str, rounds: int) -> dict[str, list[str]]:
+        lost = {str(r): sorted(str(p) for p in range(4) if fault_of(seed, p, stage, r, rate, 0.0) == "drop")
+                for r in range(1, rounds + 1)}
+        return {r: pids for r, pids in lost.items() if pids}
+
+    for stage, rounds in (("fedce", 3), ("gate", 3)):
+        recorded = {r: sorted(lost) for r, lost in results["stages"][stage]["missing-replies"].items()}
+        assert recorded == expected(stage, rounds), stage
+        assert all("injected drop-out" in why for lost in results["stages"][stage]["missing-replies"].values()
+                   for why in lost.values())
+    lost_experts = sorted(str(p) for p in range(4) if fault_of(seed, p, "expert", 0, rate, 0.0) == "drop")
+    assert lost_experts == ["1"]
+    assert sorted(results["stages"]["experts"]["missing"]) == lost_experts
+    assert sorted(results["results"]["personalized-expert"]["per-client"]) == sorted(set("0123") - set(lost_experts))
+    assert set(results["results"]["nmoe"]["per-client"]) == {"0", "1", "2", "3"}  # evaluation is never faulted
+    assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.3
+    assert "reply of node" in (tmp_path / "run.log").read_text()  # the WARNING naming the node
+    assert processes_mentioning(str(tmp_path)) == []

@@ -8,7 +8,7 @@ its own training set (:func:`out_of_fold_probs`), our addition.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -25,14 +25,21 @@ def new_expert(num_classes: int, hidden: int, seed: int) -> MLP:
         return MLP(ResNet20.out_dim, hidden, num_classes)
 
 
-def frozen_bank(states: Iterable[dict[str, Tensor]], hidden: int, num_classes: int, runtime: Runtime) -> list[MLP]:
-    """The frozen expert bank of stage 3: one eval-mode, gradient-free expert per
-    state dict, in the order given (expert id order), on ``runtime.device``."""
-    bank = []
-    for state in states:
+def frozen_bank(
+    states: Mapping[int, dict[str, Tensor]], num_experts: int, hidden: int, num_classes: int, runtime: Runtime
+) -> list[MLP | None]:
+    """The frozen expert bank of stage 3, indexed by expert id ``0 .. num_experts - 1``.
+
+    One eval-mode, gradient-free expert per state dict of ``states``
+    (``{expert id: state}``), on ``runtime.device``; ``None`` where an expert
+    is missing (its client's stage-2 reply was lost): routing masks it
+    (:func:`nmoe_flwr.algorithms.gate.mask_missing`) and never picks it.
+    """
+    bank: list[MLP | None] = [None] * num_experts
+    for j, state in states.items():
         expert = MLP(ResNet20.out_dim, hidden, num_classes)
         expert.load_state_dict(state)
-        bank.append(runtime.prepare(expert).eval().requires_grad_(False))
+        bank[j] = runtime.prepare(expert).eval().requires_grad_(False)
     return bank
 
 

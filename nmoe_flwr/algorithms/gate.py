@@ -47,14 +47,30 @@ def new_gate(hidden: int, num_experts: int, seed: int) -> Gate:
         return Gate(ResNet20.out_dim, hidden, num_experts)
 
 
+def available(experts: Sequence[nn.Module | None]) -> Tensor:
+    """``(n,)`` bool: which experts of the bank exist (``None`` = lost in stage 2)."""
+    return torch.tensor([e is not None for e in experts])
+
+
+def mask_missing(gate: Gate, present: Tensor) -> Gate:
+    """Set the gate's ``log_prior`` to ``-inf`` for missing experts, so that no
+    routing (training, top-k at inference, the serverless router) picks them."""
+    with torch.no_grad():
+        gate.log_prior[~present.to(gate.log_prior.device)] = float("-inf")
+    return gate
+
+
 @torch.no_grad()
-def bank_probs(experts: Sequence[nn.Module], latents: Tensor) -> Tensor:
+def bank_probs(experts: Sequence[nn.Module | None], latents: Tensor) -> Tensor:
     """``(N, n, C)`` class probabilities of every frozen expert.
 
     The bank is frozen during stage 3, so its answers are computed once and
     the gate trains on them: each gate step then costs one gate forward.
     """
-    return torch.stack([e(latents).float().softmax(-1) for e in experts], dim=1)
+    probs = [e(latents).float().softmax(-1) if e is not None else None for e in experts]
+    like = next(p for p in probs if p is not None)
+    # A missing expert answers nothing: all-zero probabilities, never a routing target.
+    return torch.stack([p if p is not None else torch.zeros_like(like) for p in probs], dim=1)
 
 
 def routing_targets(probs: Tensor, labels: Tensor) -> Tensor:
@@ -101,6 +117,7 @@ def train_gate(
     server_round: int,
     num_rounds: int,
     seed: int,
+    present: Tensor | None = None,
 ) -> FitStats:
     """One round of local gate training against the frozen bank.
 
@@ -109,10 +126,13 @@ def train_gate(
     ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds,
     the routing target weighted by ``gate-route-weight`` (ours). With
     ``gate-logit-adjust`` > 0 the gate's ``log_prior`` is first set from this
-    client's routing targets (ours, :func:`routing_log_prior`).
+    client's routing targets (ours, :func:`routing_log_prior`). Experts not
+    ``present`` (lost in stage 2) are masked (:func:`mask_missing`).
     """
     if cfg.gate_logit_adjust > 0:
         gate.log_prior.copy_(cfg.gate_logit_adjust * routing_log_prior(probs, labels))
+    if present is not None:
+        mask_missing(gate, present)
     opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
     start = (server_round - 1) / num_rounds
     noise = generator(derive_seed(seed, "noise"), runtime.device)

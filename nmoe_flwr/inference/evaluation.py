@@ -41,7 +41,8 @@ def nmoe_metrics(
         (:func:`~nmoe_flwr.algorithms.routing.routing_diagnostics`).
     """
     gate.eval()
-    router = Router(gate, own_expert, experts[own_expert], InProcessTransport(dict(enumerate(experts))), k=k)
+    reachable = {j: e for j, e in enumerate(experts) if e is not None}  # a lost expert answers nobody
+    router = Router(gate, own_expert, experts[own_expert], InProcessTransport(reachable), k=k)
     try:
         batch = router.classify_latents(latents.float().cpu())
     finally:

@@ -122,7 +122,8 @@ class Router:
     Parameters
     ----------
     gate : the device's gate
-    own_id, own_expert : this device's expert (always run locally)
+    own_id, own_expert : this device's expert (always run locally; ``None`` if
+        it has none, e.g. lost in training: asking it then falls back like an unreachable neighbour)
     transport : how to reach the other experts
     extractor : ``F``; optional when the caller passes latents
     k : experts per sample
@@ -133,13 +134,14 @@ class Router:
         self,
         gate: nn.Module,
         own_id: int,
-        own_expert: nn.Module,
+        own_expert: nn.Module | None,
         transport: Transport,
         extractor: nn.Module | None = None,
         k: int = 1,
         timeout: float = 2.0,
     ) -> None:
-        self.gate, self.own_id, self.own_expert = gate.eval(), own_id, own_expert.eval()
+        self.gate, self.own_id = gate.eval(), own_id
+        self.own_expert = own_expert.eval() if own_expert is not None else None
         self.transport, self.extractor, self.k, self.timeout = transport, extractor, k, timeout
         self.pool = ThreadPoolExecutor(max_workers=16)
 
@@ -200,6 +202,8 @@ class Router:
 
     def _ask(self, j: int, h: Tensor, rows: Tensor) -> tuple[Tensor, int, int]:
         if j == self.own_id:
+            if self.own_expert is None:
+                raise TransportError(f"device {j} has no expert")
             with torch.no_grad():
                 return self.own_expert(h[rows]).float(), 0, 0
         logits, sent, received = self.transport.predict(j, h[rows], self.timeout)

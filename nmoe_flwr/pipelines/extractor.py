@@ -62,15 +62,16 @@ def train_fedce(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     cfg = fed.cfg
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
     init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
-    arrays, rounds = rec.timed(
+    arrays, rounds, missing = rec.timed(
         "stage1-fedce", lambda: fed.partial_fedavg(init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds)
     )
     rec.add_rounds("fedce", rounds)
-    rec.stage_details("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds})
+    rec.stage_details("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds, "missing-replies": missing})
+    missing: dict[int, str] = {}
     per_client = rec.timed(
-        "eval-fedce-classifier", lambda: fed.broadcast_metrics(weights_message(arrays), MSG_EVAL_CLASSIFIER)
+        "eval-fedce-classifier", lambda: fed.broadcast_metrics(weights_message(arrays), MSG_EVAL_CLASSIFIER, missing)
     )
-    rec.result("fedce-classifier", per_client, mean_over_clients(per_client))
+    rec.result("fedce-classifier", per_client, mean_over_clients(per_client), missing)
     rec.save()
     return arrays
 
@@ -100,6 +101,9 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
     ))
     rounds = rounds_of(result, num_rounds, MSG_FEDSC)
+    missing = {r: {fed.pids.get(n, n): why for n, why in lost.items()} for r, lost in strategy.missing.items() if lost}
+    for r, metrics in rounds.items():
+        metrics["replies"] = len(fed.pids) - len(missing.get(r, {}))
     releases = max(strategy.releases.values(), default=0)
     spent = mechanism.epsilon(releases)
     log(INFO, "FedSC: epsilon spent %.3f (delta %g) after %d releases per client", spent, cfg.dp_delta, releases)
@@ -112,6 +116,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         "dp-epsilon-spent": spent,
         "matrix-releases-per-client-max": releases,
         "stale-matrices": cfg.fedsc_stale_matrices,
+        "missing-replies": missing,
     })
     rec.save()
     return result.arrays

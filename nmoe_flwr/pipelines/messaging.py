@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -32,20 +32,40 @@ class ClientFailure(RuntimeError):
     """A client replied with an error or not at all; the run cannot go on."""
 
 
-def send_to_all(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float) -> dict[int, RecordDict]:
+def send_to_all(
+    grid: Grid,
+    contents: Mapping[int, RecordDict],
+    message_type: str,
+    timeout: float,
+    missing: dict[int, str] | None = None,
+) -> dict[int, RecordDict]:
     """Send one message per node and return ``{node id: reply content}``.
+
+    With ``missing`` (a dict) a node that fails or does not answer in time is
+    recorded there (``{node: reason}``, with a WARNING) and left out of the
+    result; without it, any such node ends the run.
 
     Raises
     ------
     ClientFailure
-        If any node fails or does not answer in time.
+        A node failed and ``missing`` is None, or no node answered.
     """
     messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if errors or len(replies) != len(messages):
-        raise ClientFailure(f"{message_type}: {len(replies)}/{len(messages)} replies; errors: {errors}")
-    return {r.metadata.src_node_id: r.content for r in replies}
+    lost = {r.metadata.src_node_id: f"error reply: {r.error.reason}" for r in replies if r.has_error()}
+    answered = {r.metadata.src_node_id for r in replies}
+    lost |= {node: "no reply within the round timeout" for node in contents if node not in answered}
+    if lost and missing is None:
+        raise ClientFailure(f"{message_type}: {len(replies) - len(lost)}/{len(messages)} replies; "
+                            + "; ".join(f"node {n}: {why}" for n, why in lost.items()))
+    ok = {r.metadata.src_node_id: r.content for r in replies if not r.has_error()}
+    if not ok:
+        raise ClientFailure(f"{message_type}: no node answered; " + "; ".join(f"node {n}: {why}" for n, why in lost.items()))
+    for node, why in lost.items():
+        log(WARNING, "%s: node %s left out: %s", message_type, node, why)
+    if missing is not None:
+        missing.update(lost)
+    return ok
 
 
 def weights_message(arrays: ArrayRecord) -> RecordDict:
@@ -120,24 +140,40 @@ class Federation:
         info = replies[nodes[0]][METRICS]
         return cls(grid, cfg, pids, int(info[IN_CHANNELS]), int(info[NUM_CLASSES]))
 
-    def broadcast(self, content: RecordDict, message_type: str) -> dict[int, RecordDict]:
-        """Send the same content to every node; replies keyed by partition id."""
-        replies = send_to_all(self.grid, {node: content for node in self.pids}, message_type, self.cfg.round_timeout)
+    def broadcast(
+        self, content: RecordDict, message_type: str, missing: dict[int, str] | None = None
+    ) -> dict[int, RecordDict]:
+        """Send the same content to every node; replies keyed by partition id.
+
+        With ``missing`` (a dict), partitions that fail or time out are
+        recorded there by partition id and left out (else the run ends).
+        """
+        lost: dict[int, str] | None = {} if missing is not None else None
+        replies = send_to_all(self.grid, {node: content for node in self.pids}, message_type, self.cfg.round_timeout, lost)
+        if missing is not None and lost:
+            missing.update({self.pids[node]: why for node, why in lost.items()})
         return {self.pids[node]: reply for node, reply in replies.items()}
 
-    def broadcast_metrics(self, content: RecordDict, message_type: str) -> dict[int, dict[str, float]]:
+    def broadcast_metrics(
+        self, content: RecordDict, message_type: str, missing: dict[int, str] | None = None
+    ) -> dict[int, dict[str, float]]:
         """:meth:`broadcast`, returning each partition's metrics."""
-        return metrics_of(self.broadcast(content, message_type))
+        return metrics_of(self.broadcast(content, message_type, missing))
 
     def partial_fedavg(
         self, initial: Mapping[str, torch.Tensor], prefixes: Sequence[str], message_type: str, num_rounds: int
-    ) -> tuple[ArrayRecord, dict[int, dict[str, float]]]:
+    ) -> tuple[ArrayRecord, dict[int, dict[str, float]], dict[int, dict[int, str]]]:
         """Run one federated stage with :class:`PartialFedAvg` over every client.
+
+        A round is averaged from the clients whose replies are valid (the
+        others are logged and recorded); it fails only if none is.
 
         Returns
         -------
-        arrays, rounds
-            The final shared arrays and the aggregated training metrics per round.
+        arrays, rounds, missing
+            The final shared arrays, the aggregated training metrics per round
+            (with ``"replies"``, the number of replies averaged) and, per
+            round, ``{partition id: reason}`` of every client left out.
         """
         strategy = PartialFedAvg(
             prefixes,
@@ -153,4 +189,8 @@ class Federation:
             timeout=self.cfg.round_timeout,
             train_config=ConfigRecord({NUM_ROUNDS: num_rounds}),
         )
-        return result.arrays, rounds_of(result, num_rounds, message_type)
+        rounds = rounds_of(result, num_rounds, message_type)
+        missing = {r: {self.pids.get(n, n): why for n, why in lost.items()} for r, lost in strategy.missing.items()}
+        for r, metrics in rounds.items():
+            metrics["replies"] = self.cfg.num_clients - len(missing.get(r, {}))
+        return result.arrays, rounds, {r: lost for r, lost in missing.items() if lost}

@@ -57,10 +57,11 @@ GATE_SHARED_PREFIXES = {
 def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
     """The three stages, the NMoE evaluation and the baselines; records after each."""
     extractor = train_extractor(fed, rec)
+    missing: dict[int, str] = {}  # evaluation: a client that does not answer is reported, not fatal
     per_client = rec.timed(
-        "eval-extractor-knn", lambda: fed.broadcast_metrics(weights_message(extractor), MSG_EVAL_PROBE)
+        "eval-extractor-knn", lambda: fed.broadcast_metrics(weights_message(extractor), MSG_EVAL_PROBE, missing)
     )
-    rec.result("extractor-knn", per_client, mean_over_clients(per_client))
+    rec.result("extractor-knn", per_client, mean_over_clients(per_client), missing)
     rec.save()
     if fed.cfg.pooled_probe:
         rec.timed("pooled-probe", lambda: pooled_probes(fed, rec, extractor))
@@ -69,14 +70,15 @@ def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
         return
     bank = train_experts(fed, rec, extractor)
     gate = train_gates(fed, rec, bank)
-    per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE))
+    missing = {}
+    per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE, missing))
     for oracle in ORACLE_ROUTINGS:
         tag = f"{ORACLE_PREFIX}{oracle}-"  # "oracle-best-expert-accuracy", "iid-oracle-best-expert-accuracy"
         scores = {pid: {k.replace(tag, ""): v for k, v in m.items() if tag in k} for pid, m in per_client.items()}
         if all(scores.values()):
-            rec.result(f"{ORACLE_PREFIX}{oracle}", scores, mean_over_clients(scores))
+            rec.result(f"{ORACLE_PREFIX}{oracle}", scores, mean_over_clients(scores), missing)
     nmoe = {pid: {k: v for k, v in m.items() if ORACLE_PREFIX not in k} for pid, m in per_client.items()}
-    rec.result("nmoe", nmoe, mean_over_clients(nmoe, NMOE_KEYS))
+    rec.result("nmoe", nmoe, mean_over_clients(nmoe, NMOE_KEYS), missing)
     rec.save()
     run_baselines(fed, rec)
 
@@ -92,12 +94,15 @@ ORACLE_ROUTINGS = ("class-owner", "best-expert")
 def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
     """Stage 2: every client trains its expert on latents of ``extractor``;
     returns the expert bank ``{partition id: expert state}``."""
-    replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT))
+    missing: dict[int, str] = {}
+    replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT, missing))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     metrics = metrics_of(replies)
     own = {pid: strip_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
-    rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()}})
-    rec.result("personalized-expert", own, mean_over_clients(own))
+    # A lost expert is left out of the bank: the gates mask it and routing never picks it.
+    rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()},
+                                  "missing": {str(k): v for k, v in sorted(missing.items())}})
+    rec.result("personalized-expert", own, mean_over_clients(own), missing=missing)
     rec.save()
     return bank
 
@@ -109,9 +114,10 @@ def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict]) -> Arr
     rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
     init = new_gate(cfg.mlp_hidden, cfg.num_clients, derive_seed(cfg.seed, "gate-init")).state_dict()
-    gate, rounds = rec.timed(
+    gate, rounds, missing = rec.timed(
         "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds)
     )
     rec.add_rounds("gate", rounds)
-    rec.stage_details("gate", {"method": cfg.gate_method, "shared-prefixes": list(prefixes), "rounds": rounds})
+    rec.stage_details("gate", {"method": cfg.gate_method, "shared-prefixes": list(prefixes), "rounds": rounds,
+                               "missing-replies": missing})
     return gate

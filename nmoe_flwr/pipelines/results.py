@@ -112,12 +112,21 @@ class RunRecorder:
         for rnd, metrics in sorted(rounds.items()):
             self.rounds.append({"stage": stage, "round": rnd, **metrics})
 
-    def result(self, method: str, per_client: Mapping[int, Mapping[str, float]], mean: Mapping[str, float]) -> None:
-        """Record one method's per-client metrics and their mean over clients."""
+    def result(
+        self,
+        method: str,
+        per_client: Mapping[int, Mapping[str, float]],
+        mean: Mapping[str, float],
+        missing: Mapping[int, str] | None = None,
+    ) -> None:
+        """Record one method's per-client metrics and their mean over clients
+        (over the clients that answered; ``missing``: ``{partition id: reason}`` of the others)."""
         self.data["results"][method] = {
             "mean": dict(mean),
             "per-client": {str(k): dict(v) for k, v in sorted(per_client.items())},
         }
+        if missing:
+            self.data["results"][method]["missing"] = {str(k): v for k, v in sorted(missing.items())}
 
     def note(self, key: str, value: Any) -> None:
         """Record a free-form fact about the run (e.g. why a baseline was skipped)."""

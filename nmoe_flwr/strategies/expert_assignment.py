@@ -162,6 +162,7 @@ class ExpertAssignment(FedAvg):
         self._assigned: dict[int, list[int]] = {}
         self._bytes_down: dict[int, int] = {}
         self._sent: dict[int, dict] = {}  # node -> spec of the entries sent this round
+        self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why its reply was not used}
         self.min_replies = min_replies  # fewest valid replies a round goes on with (RoundFailed below)
 
     def summary(self) -> None:
@@ -183,6 +184,7 @@ class ExpertAssignment(FedAvg):
             fitness_weight=self.fitness_weight, usage_weight=self.usage_weight, cap_slack=self.cap_slack,
         )
         self._assigned = {n: by_row[self.clients[n]] for n in nodes}
+        self._sent = {}
         messages = []
         for node in nodes:
             prefixes = (MOE_GATE_PREFIX, *(moe_expert_prefix(j) for j in self._assigned[node]))
@@ -200,8 +202,9 @@ class ExpertAssignment(FedAvg):
         """Per-expert aggregation, score updates, bytes and simulated time."""
         if self._global is None:
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
+        self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies)
+                       min_replies=self.min_replies, expected=list(self._assigned), dropped=self.missing[server_round])
         # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
         valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
         current = {k: v.numpy() for k, v in self._global.items()}

@@ -130,6 +130,8 @@ class FedSC(FedAvg):
         self.correlation_dim = correlation_dim
         self.min_replies = min_replies
         self._sent: dict | None = None  # spec of the weights sent this round
+        self._asked: list[int] = []  # nodes sent a training message this round
+        self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why it was left out}
         self.matrices: dict[int, CorrelationEntry] = {}
         self.releases: dict[int, int] = {}  # node -> matrices sent (for privacy accounting)
 
@@ -169,8 +171,10 @@ class FedSC(FedAvg):
         """Store the valid matrices of the correlation phase (and apply the stale policy)."""
         replies = list(replies)
         self._settle_dim(replies)
+        self.missing[server_round] = {}
         valid = screen(replies, self.correlation_problem, what=self.correlation_message_type,
-                       server_round=server_round, min_replies=self.min_replies)
+                       server_round=server_round, min_replies=self.min_replies,
+                       expected=self._asked, dropped=self.missing[server_round])
         fresh = {}
         for reply in valid:
             node = reply.metadata.src_node_id
@@ -193,7 +197,8 @@ class FedSC(FedAvg):
         if self._sent is None:
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
         valid = screen(replies, self.train_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies)
+                       min_replies=self.min_replies, expected=self._asked,
+                       dropped=self.missing.setdefault(server_round, {}))
         common_metrics(valid)
         arrays, metrics = super().aggregate_train(server_round, valid)
         # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.
@@ -218,6 +223,7 @@ class FedSC(FedAvg):
             )
             for node in sampled
         ]
+        self._asked = list(sampled)
         replies = list(grid.send_and_receive(queries, timeout=self.timeout))
         self.collect_matrices(server_round, replies)
         messages = []
@@ -228,4 +234,5 @@ class FedSC(FedAvg):
             ext = ArrayRecord({R_EXT_KEY: Array(np.ascontiguousarray(r_ext, dtype=np.float32))}) if r_ext is not None else ArrayRecord()
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, CORRELATION: ext})
             messages.append(Message(content, dst_node_id=node, message_type=self.train_message_type))
+        self._asked = [m.metadata.dst_node_id for m in messages]
         return messages

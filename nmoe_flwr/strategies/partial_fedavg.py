@@ -60,7 +60,8 @@ class PartialFedAvg(FedAvg):
     shapes and dtypes that were sent, finite values, a positive finite
     ``"num-examples"``. Local entries in a reply are dropped with a warning;
     any other bad reply is dropped for the round with a warning naming the
-    node and the reason. The strategy's result (``Result.arrays``) holds the
+    node and the reason (and kept in ``missing``: round -> node -> reason,
+    with nodes that did not answer in time). The strategy's result (``Result.arrays``) holds the
     shared entries only: the local ones never leave the clients.
 
     Parameters
@@ -90,6 +91,8 @@ class PartialFedAvg(FedAvg):
         self.train_message_type = train_message_type
         self.min_replies = min_replies
         self._sent: dict | None = None  # spec of the shared entries sent this round
+        self._asked: list[int] = []  # nodes sent a training message this round
+        self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why its reply was not used}
 
     def summary(self) -> None:
         """Log the shared prefixes, then FedAvg's summary."""
@@ -109,6 +112,7 @@ class PartialFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, shared, config, grid))
         for message in messages:
             message.metadata.message_type = self.train_message_type
+        self._asked = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def aggregate_train(
@@ -131,8 +135,9 @@ class PartialFedAvg(FedAvg):
                         dropped[:5],
                     )
                     reply.content[key] = shared
+        self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies)
+                       min_replies=self.min_replies, expected=self._asked, dropped=self.missing[server_round])
         common_metrics(valid)
         # Sorted by node (screen): the float sums do not depend on arrival order.
         arrays, metrics = super().aggregate_train(server_round, valid)

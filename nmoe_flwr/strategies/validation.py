@@ -113,6 +113,8 @@ def screen(
     what: str,
     server_round: int,
     min_replies: int = 1,
+    expected: Iterable[int] = (),
+    dropped: dict[int, str] | None = None,
 ) -> list[Message]:
     """The replies that pass ``check``, in node order; a WARNING for every other one.
 
@@ -123,6 +125,9 @@ def screen(
     what : name of the phase for the log, e.g. ``"train"`` or ``"correlation"``
     server_round : the round, for the log
     min_replies : fewest valid replies the round may be aggregated from
+    expected : the nodes that were asked; those that did not answer in time
+        are logged and recorded as missing too
+    dropped : filled with ``{node: reason}`` of every reply not used
 
     Raises
     ------
@@ -130,19 +135,25 @@ def screen(
         Fewer than ``min_replies`` valid replies; the message lists every
         dropped node and why.
     """
-    valid, dropped = [], []
-    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+    dropped = {} if dropped is None else dropped
+    valid = []
+    replies = sorted(replies, key=lambda r: r.metadata.src_node_id)
+    for reply in replies:
         node = reply.metadata.src_node_id
         reason = f"error reply: {reply.error.reason}" if reply.has_error() else check(reply)
         if reason is None:
             valid.append(reply)
             continue
-        dropped.append(f"node {node}: {reason}")
+        dropped[node] = reason
         log(WARNING, "Round %d (%s): reply of node %s dropped: %s", server_round, what, node, reason)
+    answered = {r.metadata.src_node_id for r in replies}
+    for node in sorted(set(expected) - answered):
+        dropped[node] = "no reply within the round timeout"
+        log(WARNING, "Round %d (%s): node %s did not reply in time", server_round, what, node)
     if len(valid) < min_replies:
         raise RoundFailed(
             f"round {server_round} ({what}): {len(valid)} valid replies, fewer than the {min_replies} required; "
-            + ("dropped: " + "; ".join(dropped) if dropped else "no replies arrived")
+            + ("dropped: " + "; ".join(f"node {n}: {r}" for n, r in dropped.items()) if dropped else "no replies arrived")
         )
     return valid
 

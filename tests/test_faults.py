@@ -1,0 +1,133 @@
+"""Issue 12.2: seeded fault injection, and what each stage does without a client.
+
+Unit tests here; the end-to-end runs with drop-outs are in test_e2e_flwr_run.py.
+"""
+
+import math
+
+import pytest
+import torch
+from flwr.app import Message, RecordDict
+
+from nmoe_flwr.algorithms.experts import frozen_bank, new_expert
+from nmoe_flwr.algorithms.gate import (
+    available,
+    bank_probs,
+    mask_missing,
+    new_gate,
+    train_gate,
+)
+from nmoe_flwr.algorithms.training import resolve_runtime
+from nmoe_flwr.config import RunConfig
+from nmoe_flwr.faults import InjectedFault, fault_of, inject
+from nmoe_flwr.inference.evaluation import nmoe_metrics
+from nmoe_flwr.pipelines.messaging import ClientFailure, send_to_all
+
+RT = resolve_runtime("cpu", "off", False)
+
+
+def test_fault_draws_are_seeded_and_hit_the_rates():
+    draws = [fault_of(0, pid, "fedce", rnd, 0.1, 0.2) for pid in range(40) for rnd in range(1, 101)]
+    assert draws == [fault_of(0, pid, "fedce", rnd, 0.1, 0.2) for pid in range(40) for rnd in range(1, 101)]
+    n = len(draws)  # 4000 draws: binomial std of a share ~0.006
+    assert abs(draws.count("drop") / n - 0.1) < 0.025
+    assert abs(draws.count("straggle") / n - 0.2) < 0.03
+    assert fault_of(0, 3, "fedce", 1, 0.0, 0.0) is None
+    other_seed = [fault_of(1, pid, "fedce", rnd, 0.1, 0.2) for pid in range(40) for rnd in range(1, 101)]
+    assert other_seed != draws
+
+
+def test_inject_raises_for_a_drop_and_sleeps_past_the_timeout_for_a_straggler():
+    cfg = RunConfig(fault_drop_rate=0.5, fault_straggler_rate=0.4, round_timeout=7.0)
+    slept = []
+    kinds = {}
+    for rnd in range(1, 40):
+        kind = fault_of(cfg.seed, 2, "gate", rnd, 0.5, 0.4)
+        kinds[kind] = rnd
+    with pytest.raises(InjectedFault, match="injected drop-out of partition 2 in gate round"):
+        inject(cfg, 2, "gate", kinds["drop"], sleep=slept.append)
+    inject(cfg, 2, "gate", kinds["straggle"], sleep=slept.append)
+    assert slept == [9.0]
+    inject(cfg, 2, "gate", kinds[None], sleep=slept.append)
+    assert slept == [9.0]
+
+
+def test_the_rates_must_leave_someone_to_answer():
+    from nmoe_flwr.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match="fault-drop-rate \\+ fault-straggler-rate must be < 1"):
+        parse_run_config({"fault-drop-rate": 0.6, "fault-straggler-rate": 0.4})
+
+
+def _bank(missing: set[int], n: int = 4, classes: int = 3):
+    states = {j: new_expert(classes, 8, seed=j).state_dict() for j in range(n) if j not in missing}
+    return frozen_bank(states, n, 8, classes, RT)
+
+
+def test_a_lost_expert_is_a_gap_in_the_bank_with_zero_probabilities():
+    bank = _bank({2})
+    assert [e is None for e in bank] == [False, False, True, False]
+    probs = bank_probs(bank, torch.randn(5, 64))
+    assert probs.shape == (5, 4, 3)
+    assert torch.equal(probs[:, 2], torch.zeros(5, 3))
+    torch.testing.assert_close(probs[:, [0, 1, 3]].sum(-1), torch.ones(5, 3))
+
+
+def test_a_masked_expert_is_never_routed_to_in_training_or_at_inference():
+    bank = _bank({1})
+    g = new_gate(8, 4, seed=0)
+    with torch.no_grad():  # make the lost expert the gate's favourite before masking
+        g.decision.bias[1] = 100.0
+    mask_missing(g, available(bank))
+    assert math.isinf(g.log_prior[1]) and g.log_prior[1] < 0
+    h, y = torch.randn(64, 64), torch.randint(0, 3, (64,))
+    assert (g(h).argmax(1) != 1).all()
+    cfg = RunConfig(num_clients=4, gate_logit_adjust=1.0, batch_size=16)
+    probs = bank_probs(bank, h)
+    stats = train_gate(g, h, y, probs, cfg, RT, server_round=1, num_rounds=1, seed=0, present=available(bank))
+    assert math.isfinite(stats.loss)  # -inf logits do not turn the loss into NaN
+    assert math.isinf(g.log_prior[1])  # the routing prior is recomputed, the mask kept
+    metrics = nmoe_metrics(g, bank, h, y, own_expert=0, num_classes=3, k=2)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_a_device_whose_own_expert_was_lost_still_classifies_through_its_neighbours():
+    bank = _bank({0})
+    g = mask_missing(new_gate(8, 4, seed=0), available(bank))
+    h, y = torch.randn(32, 64), torch.randint(0, 3, (32,))
+    metrics = nmoe_metrics(g, bank, h, y, own_expert=0, num_classes=3, k=1)
+    assert metrics["routed-to-neighbour"] == 1.0
+
+
+class _Grid:
+    """Answers like nodes would: some fail, some never answer."""
+
+    def __init__(self, failing=(), silent=()):
+        self.failing, self.silent = set(failing), set(silent)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            if node in self.failing:
+                out.append(Message(Error(code=0, reason="boom"), reply_to=m))
+            else:
+                out.append(Message(RecordDict(), reply_to=m))
+        return out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_send_to_all_records_missing_nodes_or_fails_naming_them():
+    contents = {n: RecordDict() for n in (1, 2, 3)}
+    with pytest.raises(ClientFailure, match="node 2: error reply: boom.*node 3: no reply within the round timeout"):
+        send_to_all(_Grid(failing={2}, silent={3}), contents, "train.expert", 1.0)
+    missing = {}
+    replies = send_to_all(_Grid(failing={2}, silent={3}), contents, "train.expert", 1.0, missing)
+    assert list(replies) == [1]
+    assert missing == {2: "error reply: boom", 3: "no reply within the round timeout"}
+    with pytest.raises(ClientFailure, match="no node answered"):
+        send_to_all(_Grid(failing={1, 2, 3}), contents, "train.expert", 1.0, {})

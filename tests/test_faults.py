@@ -131,3 +131,26 @@ def test_send_to_all_records_missing_nodes_or_fails_naming_them():
     assert missing == {2: "error reply: boom", 3: "no reply within the round timeout"}
     with pytest.raises(ClientFailure, match="no node answered"):
         send_to_all(_Grid(failing={1, 2, 3}), contents, "train.expert", 1.0, {})
+
+
+def test_a_round_waits_for_lost_nodes_only_as_long_as_allowed():
+    """Issue 12.4: Flower's sample_nodes waits forever for min_available_nodes; our strategies do not."""
+    import time
+
+    from nmoe_flwr.strategies import PartialFedAvg
+    from nmoe_flwr.strategies.nodes import NodesLost, wait_for_nodes
+
+    class _TwoOfThree:
+        def get_node_ids(self):
+            return [1, 2]
+
+    t0 = time.monotonic()
+    with pytest.raises(NodesLost, match="only 2 of the 3 nodes needed are connected after 0.3 s"):
+        wait_for_nodes(_TwoOfThree(), 3, 0.3, "train.fedce round 2", poll=0.05)
+    assert time.monotonic() - t0 < 2
+    strategy = PartialFedAvg(["shared."], min_available_nodes=3, node_wait=0.2)
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    with pytest.raises(NodesLost):
+        strategy.configure_train(2, ArrayRecord(), ConfigRecord(), _TwoOfThree())
+    assert wait_for_nodes(_TwoOfThree(), 2, 0.0, "x") == [1, 2]

@@ -181,6 +181,7 @@ class Federation:
             fraction_evaluate=0.0,  # evaluation is a separate, final message
             min_train_nodes=self.cfg.num_clients,
             min_available_nodes=self.cfg.num_clients,
+            node_wait=self.cfg.round_timeout,
         )
         result = strategy.start(
             grid=self.grid,

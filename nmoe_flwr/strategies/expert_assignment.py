@@ -28,6 +28,7 @@ from ..constants import (
     TRAIN_LOSS,
     moe_expert_prefix,
 )
+from .nodes import wait_for_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -149,9 +150,11 @@ class ExpertAssignment(FedAvg):
         train_message_type: str = "train.moe",
         evaluate_message_type: str = "evaluate.moe",
         min_replies: int = 1,
+        node_wait: float = 600.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.node_wait = node_wait  # seconds a round waits for min_available_nodes (Flower: forever)
         self.rule, self.num_experts = rule, num_experts
         self.clients, self.profiles, self.scores = dict(clients), dict(profiles), scores
         self.rng = np.random.default_rng(seed)
@@ -176,6 +179,7 @@ class ExpertAssignment(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes, assign experts, send each node the gate and its experts."""
         self._global = arrays
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
         nodes = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
         rows = [self.clients[n] for n in nodes]
         caps = {self.clients[n]: self.profiles[self.clients[n]].max_experts for n in nodes}

@@ -21,6 +21,7 @@ from ..constants import (
     NUM_EXAMPLES,
     R_EXT_KEY,
 )
+from .nodes import wait_for_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -103,6 +104,9 @@ class FedSC(FedAvg):
     min_replies : int
         Fewest valid replies (each phase) a round goes on with; fewer fail
         the run with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
+    node_wait : float
+        Seconds a round waits for ``min_available_nodes`` before failing with
+        :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -117,9 +121,11 @@ class FedSC(FedAvg):
         timeout: float = 3600.0,
         correlation_dim: int | None = None,
         min_replies: int = 1,
+        node_wait: float = 600.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.node_wait = node_wait
         if stale_matrices not in ("reuse", "drop"):
             raise ValueError(f"stale_matrices must be 'reuse' or 'drop', got {stale_matrices!r}")
         self.alpha = alpha
@@ -213,6 +219,7 @@ class FedSC(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, run the correlation phase, then build per-node training messages."""
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
         sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
         self._sent = array_spec(arrays)
         config[ALPHA] = float(self.alpha(server_round))

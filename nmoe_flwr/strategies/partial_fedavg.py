@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..constants import SHARED_PREFIXES
+from .nodes import wait_for_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -74,6 +75,9 @@ class PartialFedAvg(FedAvg):
     min_replies : int
         Fewest valid replies a round is averaged from; fewer fail the run
         with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
+    node_wait : float
+        Seconds a round waits for ``min_available_nodes`` before failing with
+        :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -84,9 +88,11 @@ class PartialFedAvg(FedAvg):
         *,
         train_message_type: str = MessageType.TRAIN,
         min_replies: int = 1,
+        node_wait: float = 600.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.node_wait = node_wait
         self.shared_prefixes = tuple(shared_prefixes)
         self.train_message_type = train_message_type
         self.min_replies = min_replies
@@ -103,6 +109,7 @@ class PartialFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send only the shared entries, and the prefixes, to the sampled nodes."""
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
         shared, local = split_shared(arrays, self.shared_prefixes)
         if self._sent is None and local:
             log(INFO, "PartialFedAvg: %d local entries (%s...) stay on the clients and are not in the result",

@@ -12,7 +12,14 @@ import time
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -66,6 +73,7 @@ from .constants import (
     ORACLE_PREFIX,
     PARTITION_ID,
     R_EXT_KEY,
+    ROUND_OFFSET,
     ROUTING_SHARE,
     SECONDS,
     SERVER_ROUND,
@@ -111,6 +119,11 @@ def _fit_metrics(stats: FitStats) -> dict[str, float | int]:
     return {NUM_EXAMPLES: stats.num_examples, TRAIN_LOSS: stats.loss, TRAIN_ACC: stats.accuracy, SECONDS: stats.seconds}
 
 
+def _stage_round(config: ConfigRecord) -> int:
+    """The round of the stage: Flower's ``server-round`` plus the rounds done before a resume."""
+    return int(config[SERVER_ROUND]) + int(config.get(ROUND_OFFSET, 0))
+
+
 def _prefixes(msg: Message) -> list[str]:
     return [str(p) for p in msg.content[CONFIG].get(SHARED_PREFIXES, [])]
 
@@ -151,7 +164,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     config = msg.content[CONFIG]
-    rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
+    rnd, num_rounds = _stage_round(config), int(config[NUM_ROUNDS])
     inject(env.cfg, env.partition_id, "fedce", rnd)
     model = _classifier(env, split)
     load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
@@ -403,7 +416,7 @@ def train_gate(msg: Message, context: Context) -> Message:
     split = env.splits()
     rt = env.runtime
     config = msg.content[CONFIG]
-    rnd, num_rounds = int(config[SERVER_ROUND]), int(config[NUM_ROUNDS])
+    rnd, num_rounds = _stage_round(config), int(config[NUM_ROUNDS])
     inject(env.cfg, env.partition_id, "gate", rnd)
     latents = env.store.latents("train").to(rt.device)
     bank = _frozen_bank(env, split.train.num_classes)

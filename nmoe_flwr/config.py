@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     output_dir: str = ""  # "" -> $NMOE_OUTPUT_DIR, else ./outputs
     stages: Literal["all", "fe"] = "all"  # "fe": stop after stage 1 (benchmarks)
     pipeline: Literal["nmoe", "alignment"] = "nmoe"  # alignment: global MoE with expert assignment
+    resume: bool = False  # continue the run in <output-dir>/<run-name> from its checkpoints (nmoe-run --resume)
 
     # Data and partitioning (NMoE paper, Sec. IV-A)
     dataset: Literal[tuple(DATASETS)] = "fashion-mnist"  # the data-set registry, nmoe_flwr/data/registry.py

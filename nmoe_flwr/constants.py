@@ -35,6 +35,7 @@ MSG_EVAL_MOE = "evaluate.moe"  # alignment: the global MoE on the test set
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
 SHARED_PREFIXES = "shared-prefixes"  # parameter-name prefixes that are averaged
 NUM_ROUNDS = "num-rounds"  # rounds of the current stage (for LR schedules)
+ROUND_OFFSET = "round-offset"  # rounds done before a resume: the stage's round = server-round + offset
 ASSIGNED_EXPERTS = "assigned-experts"  # alignment: experts a client trains this round
 ALPHA = "alpha"  # FedSC: weight of the local term in the loss
 NOISE_MULTIPLIER = "noise-multiplier"  # FedSC: DP noise std / sensitivity

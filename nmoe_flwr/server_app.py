@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         _record_config_failure(context, exc)
         raise
     folder = run_dir(cfg.output_dir, cfg.run_name, context.run_id)
-    rec = RunRecorder(folder, cfg.to_dict(), context.run_id)
+    rec = RunRecorder(folder, cfg.to_dict(), context.run_id, resume=cfg.resume)
     log(INFO, "nmoe-flwr run %s: results in %s", context.run_id, folder)
     t_run = time.perf_counter()
     try:

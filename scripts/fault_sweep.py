@@ -7,7 +7,7 @@ seeds), the personalized expert alone, how many training replies were lost
 and how many experts. Baselines and pooled probes are off: they do not see
 the faults.
 
-    python scripts/fault_sweep.py --run-config configs/smoke.toml --rates 0,0.1,0.3 --seeds 0,1,2
+    python scripts/fault_sweep.py --run-config configs/faults.toml --rates 0,0.1,0.3 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def fmt(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep and print the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-config", default="configs/smoke.toml")
+    parser.add_argument("--run-config", default="configs/faults.toml")
     parser.add_argument("--rates", default="0,0.1,0.3")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--name", default="faults")

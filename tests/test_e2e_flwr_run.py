@@ -235,3 +235,59 @@ def test_smoke_with_30_percent_drop_outs_completes_and_records_who_was_missing(t
     assert results["results"]["nmoe"]["mean"]["accuracy"] > 0.3
     assert "reply of node" in (tmp_path / "run.log").read_text()  # the WARNING naming the node
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_run_killed_in_stage_1_resumes_and_ends_as_if_uninterrupted(smoke_run, tmp_path):
+    """Issue 12.3: SIGKILL every process of a run after its first FedCE round; `nmoe-run --resume`
+    continues from the checkpoint and ends with the results of the uninterrupted smoke run (up to float noise)."""
+    import os
+    import signal
+    import time
+
+    from nmoe_flwr.cli.flwr_process import write_run_config
+    from nmoe_flwr.cli.run import resume_config
+
+    env = {**os.environ, **_env(tmp_path)}
+    cmd = [sys.executable, "-m", "nmoe_flwr.cli.run", "--app", str(ROOT), "--flwr-home", str(tmp_path / "flwr"),
+           "--run-config", str(ROOT / "configs" / "smoke.toml")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "out" / "smoke"
+    checkpoint = folder / "resume" / "fedce.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert checkpoint.exists(), "no FedCE round was checkpointed"
+    ray_tmp = (tmp_path / "ray-tmpdir").read_text()
+    for line in processes_mentioning(str(tmp_path)) + processes_mentioning(ray_tmp):  # the crash
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_after = torch.load(checkpoint, weights_only=True)["round"]
+    assert killed_after < 3, "the run finished stage 1 before it could be killed"
+    assert json.loads((folder / "results.json").read_text())["run"]["status"] == "running"
+
+    config = resume_config(folder)
+    assert config["resume"] is True and config["run-name"] == "smoke"
+    status, record = launch(ROOT, str(write_run_config(config, tmp_path / "resume.toml")),
+                            flwr_home=tmp_path / "flwr", timeout=420, log_file=tmp_path / "resume.log",
+                            extra_env=_env(tmp_path))
+    assert status == "finished:completed", (record, (tmp_path / "resume.log").read_text()[-3000:])
+    assert f"resuming after round {killed_after} of 3" in (tmp_path / "resume.log").read_text()
+    resumed = json.loads((folder / "results.json").read_text())
+    _, _, smoke_folder, _ = smoke_run
+    uninterrupted = json.loads((smoke_folder / "results.json").read_text())
+    assert resumed["run"]["status"] == "completed" and resumed["run"]["resumed-runs"]
+    assert set(resumed["results"]) == set(uninterrupted["results"])  # same results.json shape
+    assert sorted(resumed["stages"]["fedce"]["rounds"]) == ["1", "2", "3"]
+    # The resume logic is bit-exact in one process (tests/test_resume.py). Here the resumed rounds run in fresh
+    # worker processes, whose float sums differ from a warm worker's at ~1e-5 (measured: round-2 train loss
+    # 0.729020 vs 0.729023), enough to flip a test sample or two: same run, up to float noise.
+    old_rounds, new_rounds = uninterrupted["stages"]["fedce"]["rounds"], resumed["stages"]["fedce"]["rounds"]
+    for r in ("1", "2", "3"):
+        assert new_rounds[r]["train-loss"] == pytest.approx(old_rounds[r]["train-loss"], rel=1e-3), r
+    # Rounds up to the kill come from the checkpoint, as the killed attempt recorded them.
+    assert new_rounds[str(killed_after)]["train-loss"] == old_rounds[str(killed_after)]["train-loss"]
+    for method in ("fedce-classifier", "personalized-expert", "nmoe"):
+        for key in ("accuracy", "macro-f1"):
+            assert resumed["results"][method]["mean"][key] == pytest.approx(
+                uninterrupted["results"][method]["mean"][key], abs=0.02), (method, key)
+    assert processes_mentioning(str(tmp_path)) == []

@@ -14,11 +14,16 @@ SuperLink keeps running after the CLI exits. This launcher
    tree, Ray included), also on Ctrl-C, SIGTERM or errors,
 
 and exits 0 only for ``finished:completed``.
+
+``nmoe-run --resume <output-dir>/<run-name>`` continues a run that was killed,
+with the config it recorded, from its checkpoints
+(:mod:`nmoe_flwr.pipelines.resume`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -91,6 +96,30 @@ def launch(
     return str(record.get("status")), record
 
 
+def resume_config(run_dir: Path) -> dict:
+    """The config a killed run recorded in ``<run_dir>/results.json``, set to resume it in place.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        No results.json there, or one without a config section.
+    """
+    from ..config import RunConfig
+
+    results = run_dir / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"{results} does not exist: --resume takes the folder of a run (<output-dir>/<run-name>)")
+    config = json.loads(results.read_text()).get("config")
+    if not config:
+        raise ValueError(f"{results} records no config")
+    fields = {name.replace("_", "-"): f for name, f in RunConfig.model_fields.items()}
+    for key, value in config.items():  # results.json writes non-finite floats as strings
+        if isinstance(value, str) and key in fields and fields[key].annotation in (float, "float"):
+            config[key] = float(value)
+    run_dir = run_dir.resolve()
+    return {**config, "resume": True, "output-dir": str(run_dir.parent), "run-name": run_dir.name}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nmoe-run``."""
     # SIGTERM (kill, CI timeouts) raises SystemExit like Ctrl-C raises KeyboardInterrupt,
@@ -107,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar='"KEY=VALUE ..."',
         help="override keys on top of --run-config (TOML values, e.g. --set \"fedsc-rounds=10 dp-epsilon=inf\"); repeatable",
     )
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR",
+        help="continue a killed run from its checkpoints: its folder <output-dir>/<run-name> (its own config is used)",
+    )
     parser.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-clients of the run config)")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="client-resources-num-cpus (default 1: one torch thread per client)")
     parser.add_argument("--gpus-per-client", type=float, default=0.0, help="client-resources-num-gpus, e.g. 0.1 to share one GPU by 10 clients")
@@ -114,9 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
+    run_config = args.run_config
+    if args.resume:
+        if args.run_config or args.set:
+            parser.error("--resume uses the run's own config; it takes no --run-config or --set")
+        try:
+            config = resume_config(args.resume)
+        except (OSError, ValueError) as exc:
+            print(f"nmoe-run: {exc}", file=sys.stderr)
+            return 2
+        run_config = str(write_run_config(config, (args.flwr_home or args.app / ".flwr").resolve() / "resume-config.toml"))
     try:
         status, record = launch(
-            args.app, args.run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
+            args.app, run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
             args.flwr_home, args.timeout, args.log_file, overrides=args.set,
         )
     except ConfigError as exc:

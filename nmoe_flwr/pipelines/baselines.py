@@ -33,14 +33,15 @@ from .results import RunRecorder
 
 def run_baselines(fed: Federation, rec: RunRecorder) -> None:
     """The baselines the config switches on, each recorded as it finishes."""
-    if fed.cfg.local_baseline:
+    resume = fed.cfg.resume  # a resumed run keeps the baselines its killed attempt finished
+    if fed.cfg.local_baseline and not (resume and rec.has("results", "local-classifier")):
         per_client = rec.timed(
             "baseline-local-classifier",
             lambda: fed.broadcast_metrics(RecordDict({CONFIG: ConfigRecord()}), MSG_LOCAL_BASELINE),
         )
         rec.result("local-classifier", per_client, mean_over_clients(per_client))
         rec.save()
-    if fed.cfg.centralized_baseline:
+    if fed.cfg.centralized_baseline and not (resume and rec.has("results", "centralized-moe")):
         rec.timed("baseline-centralized-moe", lambda: centralized_baseline(fed, rec))
         rec.save()
 

@@ -43,6 +43,7 @@ from ..records import add_prefix, from_record, strip_prefix, to_record
 from ..strategies import FedSC, split_shared
 from .messaging import Federation, rounds_of, weights_message
 from .results import RunRecorder
+from .resume import StageCheckpoint
 
 EXTRACTOR_FILE = "extractor.pt"  # <run>/extractor.pt: a bare ResNet20 state dict
 HEAD_FILE = "head.pt"  # <run>/head.pt: the averaged FedCE head (bare MLP state dict), when there is one
@@ -62,8 +63,9 @@ def train_fedce(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     cfg = fed.cfg
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
     init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    checkpoint = StageCheckpoint(rec.folder, "fedce")
     arrays, rounds, missing = rec.timed(
-        "stage1-fedce", lambda: fed.partial_fedavg(init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds)
+        "stage1-fedce", lambda: fed.partial_fedavg(init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds, checkpoint)
     )
     rec.add_rounds("fedce", rounds)
     rec.stage_details("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds, "missing-replies": missing})
@@ -136,11 +138,14 @@ def train_extractor(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     reuse them: stages 2-3 iterate in a minute on a saved stage 1.
     """
     cfg = fed.cfg
-    if cfg.extractor_checkpoint:
-        log(INFO, "Using the extractor in %s (stage 1 skipped)", cfg.extractor_checkpoint)
-        rec.note("extractor-checkpoint", cfg.extractor_checkpoint)
-        state = add_prefix(load_extractor(cfg.extractor_checkpoint), EXTRACTOR_PREFIX)
-        head = Path(cfg.extractor_checkpoint).with_name(HEAD_FILE)
+    saved = cfg.extractor_checkpoint
+    if cfg.resume and rec.has("stages", cfg.fe_method) and (rec.folder / EXTRACTOR_FILE).exists():
+        saved = str(rec.folder / EXTRACTOR_FILE)  # stage 1 had finished before the crash
+    if saved:
+        log(INFO, "Using the extractor in %s (stage 1 skipped)", saved)
+        rec.note("extractor-checkpoint" if cfg.extractor_checkpoint else "extractor-resumed", saved)
+        state = add_prefix(load_extractor(saved), EXTRACTOR_PREFIX)
+        head = Path(saved).with_name(HEAD_FILE)
         if head.exists():  # the averaged FedCE head of the same run: experts can start from it
             state |= add_prefix(torch.load(head, weights_only=True), HEAD_PREFIX)
             rec.note("head-checkpoint", str(head))

@@ -23,9 +23,11 @@ from ..constants import (
     NUM_CLASSES,
     NUM_ROUNDS,
     PARTITION_ID,
+    ROUND_OFFSET,
 )
-from ..records import to_record
-from ..strategies import PartialFedAvg
+from ..records import from_record, to_record
+from ..strategies import PartialFedAvg, split_shared
+from .resume import StageCheckpoint
 
 
 class ClientFailure(RuntimeError):
@@ -161,12 +163,20 @@ class Federation:
         return metrics_of(self.broadcast(content, message_type, missing))
 
     def partial_fedavg(
-        self, initial: Mapping[str, torch.Tensor], prefixes: Sequence[str], message_type: str, num_rounds: int
+        self,
+        initial: Mapping[str, torch.Tensor],
+        prefixes: Sequence[str],
+        message_type: str,
+        num_rounds: int,
+        checkpoint: StageCheckpoint | None = None,
     ) -> tuple[ArrayRecord, dict[int, dict[str, float]], dict[int, dict[int, str]]]:
         """Run one federated stage with :class:`PartialFedAvg` over every client.
 
         A round is averaged from the clients whose replies are valid (the
-        others are logged and recorded); it fails only if none is.
+        others are logged and recorded); it fails only if none is. With a
+        ``checkpoint`` every aggregated round is saved to it, and with
+        ``resume`` in the config the stage continues after the saved round
+        (or returns the saved result if it had finished).
 
         Returns
         -------
@@ -175,6 +185,15 @@ class Federation:
             (with ``"replies"``, the number of replies averaged) and, per
             round, ``{partition id: reason}`` of every client left out.
         """
+        saved = checkpoint.load() if checkpoint is not None and self.cfg.resume else None
+        offset = int(saved["round"]) if saved else 0
+        rounds: dict[int, dict[str, float]] = dict(saved["rounds"]) if saved else {}
+        missing: dict[int, dict[int, str]] = dict(saved["missing"]) if saved else {}
+        arrays = to_record({**initial, **saved["arrays"]}) if saved else to_record(initial)
+        if offset:
+            log(INFO, "%s: resuming after round %d of %d", message_type, offset, num_rounds)
+        if offset >= num_rounds:
+            return (split_shared(arrays, prefixes)[0] if saved else arrays), rounds, missing
         strategy = PartialFedAvg(
             prefixes,
             train_message_type=message_type,
@@ -183,15 +202,26 @@ class Federation:
             min_available_nodes=self.cfg.num_clients,
             node_wait=self.cfg.round_timeout,
         )
+
+        def after_round(server_round: int, current: ArrayRecord) -> None:
+            """Flower's per-round hook (``evaluate_fn``): record the round, checkpoint it."""
+            if server_round == 0:
+                return
+            r = offset + server_round
+            lost = {self.pids.get(n, n): why for n, why in strategy.missing.get(server_round, {}).items()}
+            rounds[r] = {**strategy.train_metrics.get(server_round, {}), "replies": self.cfg.num_clients - len(lost)}
+            if lost:
+                missing[r] = lost
+            if checkpoint is not None:
+                checkpoint.save(round=r, arrays=from_record(current), rounds=rounds, missing=missing)
+
         result = strategy.start(
             grid=self.grid,
-            initial_arrays=to_record(initial),
-            num_rounds=num_rounds,
+            initial_arrays=arrays,
+            num_rounds=num_rounds - offset,
             timeout=self.cfg.round_timeout,
-            train_config=ConfigRecord({NUM_ROUNDS: num_rounds}),
+            train_config=ConfigRecord({NUM_ROUNDS: num_rounds, ROUND_OFFSET: offset}),
+            evaluate_fn=after_round,
         )
-        rounds = rounds_of(result, num_rounds, message_type)
-        missing = {r: {self.pids.get(n, n): why for n, why in lost.items()} for r, lost in strategy.missing.items()}
-        for r, metrics in rounds.items():
-            metrics["replies"] = self.cfg.num_clients - len(missing.get(r, {}))
-        return result.arrays, rounds, {r: lost for r, lost in missing.items() if lost}
+        rounds_of(result, num_rounds - offset, message_type)  # raises if a round was not aggregated
+        return result.arrays, rounds, missing

@@ -14,7 +14,10 @@ client's inference checkpoint) and the baselines (:mod:`.baselines`).
 
 from __future__ import annotations
 
+from logging import INFO
+
 from flwr.app import ArrayRecord, RecordDict
+from flwr.supercore import log
 
 from ..algorithms.gate import new_gate
 from ..algorithms.seeding import derive_seed
@@ -45,6 +48,7 @@ from .extractor import train_extractor
 from .messaging import Federation, metrics_of, weights_message
 from .probes import pooled_probes
 from .results import RunRecorder
+from .resume import BANK_STAGE, StageCheckpoint
 
 GATE_SHARED_PREFIXES = {
     "fedgate": (GATE_SHARED_PREFIX,),
@@ -57,13 +61,15 @@ GATE_SHARED_PREFIXES = {
 def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
     """The three stages, the NMoE evaluation and the baselines; records after each."""
     extractor = train_extractor(fed, rec)
-    missing: dict[int, str] = {}  # evaluation: a client that does not answer is reported, not fatal
-    per_client = rec.timed(
-        "eval-extractor-knn", lambda: fed.broadcast_metrics(weights_message(extractor), MSG_EVAL_PROBE, missing)
-    )
-    rec.result("extractor-knn", per_client, mean_over_clients(per_client), missing)
-    rec.save()
-    if fed.cfg.pooled_probe:
+    resume = fed.cfg.resume  # steps whose results the killed attempt recorded are not redone
+    if not (resume and rec.has("results", "extractor-knn")):
+        missing: dict[int, str] = {}  # evaluation: a client that does not answer is reported, not fatal
+        per_client = rec.timed(
+            "eval-extractor-knn", lambda: fed.broadcast_metrics(weights_message(extractor), MSG_EVAL_PROBE, missing)
+        )
+        rec.result("extractor-knn", per_client, mean_over_clients(per_client), missing)
+        rec.save()
+    if fed.cfg.pooled_probe and not (resume and rec.has("stages", "pooled-probe")):
         rec.timed("pooled-probe", lambda: pooled_probes(fed, rec, extractor))
         rec.save()
     if fed.cfg.stages == "fe":
@@ -94,9 +100,15 @@ ORACLE_ROUTINGS = ("class-owner", "best-expert")
 def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
     """Stage 2: every client trains its expert on latents of ``extractor``;
     returns the expert bank ``{partition id: expert state}``."""
+    checkpoint = StageCheckpoint(rec.folder, BANK_STAGE)
+    saved = checkpoint.load() if fed.cfg.resume and rec.has("results", "personalized-expert") else None
+    if saved is not None:  # the clients still hold their cached latents on disk
+        log(INFO, "Expert bank of %d experts taken from %s (stage 2 skipped)", len(saved["bank"]), checkpoint.path)
+        return dict(saved["bank"])
     missing: dict[int, str] = {}
     replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT, missing))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
+    checkpoint.save(bank=bank)
     metrics = metrics_of(replies)
     own = {pid: strip_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
     # A lost expert is left out of the bank: the gates mask it and routing never picks it.
@@ -114,8 +126,9 @@ def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict]) -> Arr
     rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
     init = new_gate(cfg.mlp_hidden, cfg.num_clients, derive_seed(cfg.seed, "gate-init")).state_dict()
+    checkpoint = StageCheckpoint(rec.folder, "gate")
     gate, rounds, missing = rec.timed(
-        "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds)
+        "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds, checkpoint)
     )
     rec.add_rounds("gate", rounds)
     rec.stage_details("gate", {"method": cfg.gate_method, "shared-prefixes": list(prefixes), "rounds": rounds,

@@ -41,6 +41,16 @@ METHODS = {
 }
 
 
+def _number(text: str) -> Any:
+    """A rounds.csv cell back as int or float where it is one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def jsonable(value: Any) -> Any:
     """Replace non-finite floats by the strings "inf", "-inf", "nan" (strict JSON has none)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -67,7 +77,7 @@ class RunRecorder:
         The resolved run config (written as is).
     """
 
-    def __init__(self, folder: Path, config: Mapping[str, Any], run_id: int) -> None:
+    def __init__(self, folder: Path, config: Mapping[str, Any], run_id: int, resume: bool = False) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {
@@ -78,9 +88,23 @@ class RunRecorder:
             "results": {},
         }
         self.rounds: list[dict[str, Any]] = []
-        # A run reusing a run name must not leave the earlier run's files claiming "completed".
-        (folder / "rounds.csv").unlink(missing_ok=True)
+        earlier = folder / "results.json"
+        if resume and earlier.exists():  # keep what the killed attempt recorded
+            old = json.loads(earlier.read_text())
+            for section in ("timings-s", "stages", "results"):
+                self.data[section] = old.get(section, {})
+            self.data["run"]["resumed-runs"] = [*old["run"].get("resumed-runs", []), old["run"].get("run-id")]
+            if (folder / "rounds.csv").exists():
+                with (folder / "rounds.csv").open(newline="") as fh:
+                    self.rounds = [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+        else:
+            # A run reusing a run name must not leave the earlier run's files claiming "completed".
+            (folder / "rounds.csv").unlink(missing_ok=True)
         self.save()
+
+    def has(self, section: str, key: str) -> bool:
+        """Whether ``results.json`` already holds ``section[key]`` (e.g. a result a resumed run keeps)."""
+        return key in self.data[section]
 
     @classmethod
     def config_failure(cls, folder: Path, raw_config: Mapping[str, Any], run_id: int, error: Exception) -> Path:
@@ -108,7 +132,8 @@ class RunRecorder:
         self.data["stages"][name] = dict(info)
 
     def add_rounds(self, stage: str, rounds: Mapping[int, Mapping[str, float]]) -> None:
-        """Append the per-round aggregated metrics of a federated phase to rounds.csv."""
+        """Set the per-round aggregated metrics of a federated phase in rounds.csv (replacing that phase's rows)."""
+        self.rounds = [row for row in self.rounds if row.get("stage") != stage]
         for rnd, metrics in sorted(rounds.items()):
             self.rounds.append({"stage": stage, "round": rnd, **metrics})
 

@@ -99,6 +99,7 @@ class PartialFedAvg(FedAvg):
         self._sent: dict | None = None  # spec of the shared entries sent this round
         self._asked: list[int] = []  # nodes sent a training message this round
         self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why its reply was not used}
+        self.train_metrics: dict[int, dict] = {}  # round -> aggregated training metrics
 
     def summary(self) -> None:
         """Log the shared prefixes, then FedAvg's summary."""
@@ -148,6 +149,8 @@ class PartialFedAvg(FedAvg):
         common_metrics(valid)
         # Sorted by node (screen): the float sums do not depend on arrival order.
         arrays, metrics = super().aggregate_train(server_round, valid)
+        if metrics is not None:
+            self.train_metrics[server_round] = dict(metrics)
         # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.
         return (cast_like(arrays, self._sent) if arrays is not None else None), metrics
 

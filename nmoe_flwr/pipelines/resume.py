@@ -1,0 +1,63 @@
+"""What a killed run needs to continue: per-round checkpoints of the federated stages.
+
+Every aggregated round of FedCE and of the gate writes ``<run>/resume/<stage>.pt``
+(the round, the global arrays, the per-round metrics and who was missing),
+atomically (temp file + rename), so a crash leaves the last complete round,
+never a torn file. Stage 2 writes ``<run>/resume/bank.pt`` once the expert
+bank is in. ``nmoe-run --resume <run-dir>`` relaunches the run's own config
+with ``resume = true``; the server then
+
+- takes a finished stage 1 from ``extractor.pt`` / ``head.pt`` (like
+  ``extractor-checkpoint``), an unfinished FedCE from its last round (FedSC
+  restarts: its stale-matrix state is not checkpointed);
+- takes the expert bank from ``bank.pt`` (the clients still have their cached
+  latents on disk);
+- continues the gate from its last round;
+- skips evaluations and baselines whose results are already recorded, and
+  reruns the NMoE evaluation (it writes the inference checkpoints).
+
+Rounds continue with their original numbers (config key ``round-offset``), so
+learning-rate schedules and per-round seeds are those of an uninterrupted run.
+State a client keeps only in memory (a local FedCE head with
+``fedce-average-head = false``, FedGate's local decision layer) restarts from
+its initialisation after a resume.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESUME_DIR = "resume"
+BANK_STAGE = "bank"
+
+
+class StageCheckpoint:
+    """The last completed round of one federated stage, on the server's disk.
+
+    Parameters
+    ----------
+    run_folder : Path
+        ``<output-dir>/<run-name>``.
+    stage : str
+        File name stem, e.g. ``"fedce"``, ``"gate"``, ``"bank"``.
+    """
+
+    def __init__(self, run_folder: Path, stage: str) -> None:
+        self.path = run_folder / RESUME_DIR / f"{stage}.pt"
+
+    def save(self, **state: Any) -> None:
+        """Write ``state`` (tensors, dicts, numbers) atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` if there is none."""
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=True)

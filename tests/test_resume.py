@@ -1,0 +1,86 @@
+"""Issue 12.3: a federated stage resumed from a per-round checkpoint ends where an uninterrupted one does.
+
+Runs the real ``Federation.partial_fedavg`` (FedCE) against the real ClientApp
+through the in-process grid: once for 3 rounds, once stopped after round 1
+(its checkpoint kept) and resumed on fresh clients.
+"""
+
+import shutil
+
+import pytest
+import torch
+from conftest import write_learnable_fmnist
+from inprocess_grid import InProcessGrid
+
+from nmoe_flwr import client_app
+from nmoe_flwr.algorithms.fedce import new_classifier
+from nmoe_flwr.algorithms.seeding import derive_seed
+from nmoe_flwr.config import parse_run_config
+from nmoe_flwr.constants import EXTRACTOR_PREFIX, HEAD_PREFIX, MSG_FEDCE
+from nmoe_flwr.data import dataset_spec
+from nmoe_flwr.pipelines.messaging import Federation
+from nmoe_flwr.pipelines.resume import StageCheckpoint
+from nmoe_flwr.records import from_record
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    data = write_learnable_fmnist(tmp_path / "fmnist")
+    threads = torch.get_num_threads()
+    yield {
+        "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "resume",
+        "num-clients": 2, "train-per-client": 24, "test-per-client": 20, "fedce-rounds": 3,
+        "batch-size": 8, "mlp-hidden": 16, "channels-last": False, "torch-threads": 1, "device": "cpu",
+    }
+    torch.set_num_threads(threads)
+
+
+class _KeepRound(StageCheckpoint):
+    """A checkpoint that also keeps a copy of the state after round ``keep`` (the crash point)."""
+
+    def __init__(self, folder, stage, keep, copy_to):
+        super().__init__(folder, stage)
+        self.keep, self.copy_to = keep, copy_to
+
+    def save(self, **state):
+        super().save(**state)
+        if state["round"] == self.keep:
+            shutil.copy(self.path, self.copy_to)
+
+
+def _stage(run_config, checkpoint, resume=False):
+    cfg = parse_run_config({**run_config, "resume": resume})
+    grid = InProcessGrid(client_app.app, {**run_config, "resume": resume}, num_nodes=2)  # fresh clients
+    fed = Federation(grid, cfg, {node: i for i, node in enumerate(grid.get_node_ids())}, 1, 10)
+    init = new_classifier(dataset_spec(cfg.dataset).pixel_stats, 10, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    return fed.partial_fedavg(init.state_dict(), (EXTRACTOR_PREFIX, HEAD_PREFIX), MSG_FEDCE, 3, checkpoint)
+
+
+def test_a_stage_resumed_after_round_1_ends_with_the_uninterrupted_weights_and_rounds(run_config, tmp_path):
+    folder = tmp_path / "run"
+    crash = tmp_path / "after-round-1.pt"
+    arrays, rounds, missing = _stage(run_config, _KeepRound(folder, "fedce", 1, crash))
+    assert sorted(rounds) == [1, 2, 3] and missing == {}
+    assert StageCheckpoint(folder, "fedce").load()["round"] == 3
+
+    resumed_folder = tmp_path / "resumed"
+    (resumed_folder / "resume").mkdir(parents=True)
+    shutil.copy(crash, resumed_folder / "resume" / "fedce.pt")
+    assert StageCheckpoint(resumed_folder, "fedce").load()["round"] == 1
+    arrays2, rounds2, _ = _stage(run_config, StageCheckpoint(resumed_folder, "fedce"), resume=True)
+
+    assert sorted(rounds2) == [1, 2, 3]
+    loss = {r: m["train-loss"] for r, m in rounds.items()}
+    assert {r: m["train-loss"] for r, m in rounds2.items()} == loss  # round 1 from the checkpoint, 2-3 recomputed
+    a, b = from_record(arrays), from_record(arrays2)
+    assert list(a) == list(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+    # A finished stage is not run again: its result comes back from the checkpoint.
+    arrays3, rounds3, _ = _stage(run_config, StageCheckpoint(folder, "fedce"), resume=True)
+    assert {r: m["train-loss"] for r, m in rounds3.items()} == loss
+    for key, value in from_record(arrays3).items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=0)

@@ -278,14 +278,12 @@ def test_a_run_killed_in_stage_1_resumes_and_ends_as_if_uninterrupted(smoke_run,
     assert resumed["run"]["status"] == "completed" and resumed["run"]["resumed-runs"]
     assert set(resumed["results"]) == set(uninterrupted["results"])  # same results.json shape
     assert sorted(resumed["stages"]["fedce"]["rounds"]) == ["1", "2", "3"]
-    # The resume logic is bit-exact in one process (tests/test_resume.py). Here the resumed rounds run in fresh
-    # worker processes, whose float sums differ from a warm worker's at ~1e-5 (measured: round-2 train loss
-    # 0.729020 vs 0.729023), enough to flip a test sample or two: same run, up to float noise.
+    # The resume logic is bit-exact in one process (tests/test_resume.py). Across launches, replies are summed in
+    # node-id order and node ids are drawn anew, so the float sums differ in the last bits (round 1's train loss:
+    # ...645 vs ...646), which grows to ~1e-5 by round 2 and can flip a test sample or two: same run, up to float noise.
     old_rounds, new_rounds = uninterrupted["stages"]["fedce"]["rounds"], resumed["stages"]["fedce"]["rounds"]
     for r in ("1", "2", "3"):
         assert new_rounds[r]["train-loss"] == pytest.approx(old_rounds[r]["train-loss"], rel=1e-3), r
-    # Rounds up to the kill come from the checkpoint, as the killed attempt recorded them.
-    assert new_rounds[str(killed_after)]["train-loss"] == old_rounds[str(killed_after)]["train-loss"]
     for method in ("fedce-classifier", "personalized-expert", "nmoe"):
         for key in ("accuracy", "macro-f1"):
             assert resumed["results"][method]["mean"][key] == pytest.approx(

@@ -84,3 +84,21 @@ def test_a_stage_resumed_after_round_1_ends_with_the_uninterrupted_weights_and_r
     assert {r: m["train-loss"] for r, m in rounds3.items()} == loss
     for key, value in from_record(arrays3).items():
         torch.testing.assert_close(value, a[key], rtol=0, atol=0)
+
+
+def test_resume_config_is_the_recorded_one_set_to_resume_in_place(tmp_path, capsys):
+    import json
+
+    from nmoe_flwr.cli.run import main, resume_config
+
+    folder = tmp_path / "out" / "paper"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(
+        {"run": {"status": "running"}, "config": {"seed": 3, "dp-epsilon": "inf", "run-name": "", "output-dir": ""}}))
+    config = resume_config(folder)
+    assert config == {"seed": 3, "dp-epsilon": float("inf"), "run-name": "paper",
+                      "output-dir": str(folder.parent.resolve()), "resume": True}
+    assert main(["--resume", str(tmp_path / "nope")]) == 2
+    assert "--resume takes the folder of a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--resume", str(folder), "--set", "seed=1"])

@@ -61,12 +61,13 @@ def _flower_path(run_config):
     strategy = PartialFedAvg(
         prefixes, train_message_type=MSG_FEDCE, fraction_evaluate=0.0,
         min_train_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
+        server_momentum=cfg.fedce_server_momentum,
     )
     result = strategy.start(
         grid=grid, initial_arrays=to_record(init.state_dict()), num_rounds=cfg.fedce_rounds,
         timeout=cfg.round_timeout, train_config=ConfigRecord({NUM_ROUNDS: cfg.fedce_rounds}),
     )
-    assert sorted(result.train_metrics_clientapp) == list(range(1, ROUNDS + 1))
+    assert sorted(result.train_metrics_clientapp) == list(range(1, cfg.fedce_rounds + 1))
     replies = grid.send_and_receive([
         Message(weights_message(result.arrays), dst_node_id=node, message_type=MSG_EVAL_CLASSIFIER)
         for node in grid.get_node_ids()
@@ -75,8 +76,8 @@ def _flower_path(run_config):
     return from_record(result.arrays), per_client, grid
 
 
-@pytest.mark.parametrize("average_head", [True, False])
-def test_plain_fedce_matches_the_flower_path(run_config, average_head):
+@pytest.mark.parametrize(("average_head", "momentum"), [(True, 0.0), (False, 0.0), (True, 0.7)])
+def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum):
     """Final averaged weights (extractor, and head if averaged) and each client's FedCE-classifier
     test accuracy and macro-F1 are identical between fedce_plain and PartialFedAvg + ClientApp.
 
@@ -85,7 +86,9 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head):
     clients of equal size both compute ``0.5 a + 0.5 b`` with a single rounding to float32.
     With unequal weights the two would differ in the last bits (then compare with atol ~1e-5).
     """
-    run_config = {**run_config, "fedce-average-head": average_head}
+    rounds = 3 if momentum else ROUNDS  # FedAvgM first accelerates in round 3 (round 1 is plain, round 2 starts v)
+    run_config = {**run_config, "fedce-average-head": average_head, "fedce-server-momentum": momentum,
+                  "fedce-rounds": rounds}
     cfg = parse_run_config(run_config)
     flwr_state, flwr_metrics, grid = _flower_path(run_config)
 
@@ -93,7 +96,7 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head):
     plain_state, plain_metrics = fedce_plain(cfg, splits, resolve_runtime(cfg.device, cfg.amp, cfg.channels_last))
 
     # Every client trained every round, then evaluated once.
-    assert sorted(grid.delivered) == sorted([(n, MSG_FEDCE) for n in grid.node_ids] * ROUNDS
+    assert sorted(grid.delivered) == sorted([(n, MSG_FEDCE) for n in grid.node_ids] * rounds
                                             + [(n, MSG_EVAL_CLASSIFIER) for n in grid.node_ids])
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if average_head else (EXTRACTOR_PREFIX,)
     assert set(flwr_state) == {k for k in plain_state if k.startswith(prefixes)}
@@ -104,7 +107,7 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head):
         plain = plain_state[key].double()
         assert torch.equal(value.double(), plain), (key, (value.double() - plain).abs().max())
         if key.endswith("num_batches_tracked"):
-            assert plain.item() == ROUNDS * 3  # 24 samples / batch 8 = 3 steps per round on both clients
+            assert plain.item() == rounds * 3  # 24 samples / batch 8 = 3 steps per round on both clients
     moved = max((plain_state[k].double() - initial[k].double()).abs().max().item() for k in flwr_state)
     assert moved > 1e-2  # the comparison is not between two untouched initialisations
 

@@ -55,10 +55,14 @@ def _stage(run_config, checkpoint, resume=False):
     grid = InProcessGrid(client_app.app, {**run_config, "resume": resume}, num_nodes=2)  # fresh clients
     fed = Federation(grid, cfg, {node: i for i, node in enumerate(grid.get_node_ids())}, 1, 10)
     init = new_classifier(dataset_spec(cfg.dataset).pixel_stats, 10, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
-    return fed.partial_fedavg(init.state_dict(), (EXTRACTOR_PREFIX, HEAD_PREFIX), MSG_FEDCE, 3, checkpoint)
+    return fed.partial_fedavg(init.state_dict(), (EXTRACTOR_PREFIX, HEAD_PREFIX), MSG_FEDCE, 3, checkpoint,
+                              cfg.fedce_server_momentum)
 
 
-def test_a_stage_resumed_after_round_1_ends_with_the_uninterrupted_weights_and_rounds(run_config, tmp_path):
+@pytest.mark.parametrize("momentum", [0.0, 0.7])
+def test_a_stage_resumed_after_round_1_ends_with_the_uninterrupted_weights_and_rounds(run_config, tmp_path, momentum):
+    """With server momentum the velocity is checkpointed too: the resumed stage is still bit-exact."""
+    run_config = {**run_config, "fedce-server-momentum": momentum}
     folder = tmp_path / "run"
     crash = tmp_path / "after-round-1.pt"
     arrays, rounds, missing = _stage(run_config, _KeepRound(folder, "fedce", 1, crash))

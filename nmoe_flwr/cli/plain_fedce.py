@@ -22,6 +22,7 @@ from ..algorithms.fedce import (
     train_classifier,
 )
 from ..algorithms.seeding import derive_seed
+from ..algorithms.server_momentum import momentum_step
 from ..algorithms.training import DeviceData, Runtime, mean_over_clients
 from ..config import RunConfig
 from ..constants import EXTRACTOR_PREFIX, HEAD_PREFIX
@@ -56,6 +57,7 @@ def fedce_plain(
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     local_states = [dict(global_state) for _ in splits]
     data = [DeviceData.of(s.train, runtime) for s in splits]
+    velocity: dict[str, torch.Tensor] | None = None  # FedAvgM; the first round is plain FedAvg
     for rnd in range(1, cfg.fedce_rounds + 1):
         t0 = time.perf_counter()
         states, weights = [], []
@@ -69,7 +71,14 @@ def fedce_plain(
             local_states[pid] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             states.append(local_states[pid])
             weights.append(fit.num_examples)
-        global_state = weighted_mean(states, weights)
+        avg = weighted_mean(states, weights)
+        if cfg.fedce_server_momentum > 0 and velocity is not None:
+            shared_prev = {k: v for k, v in global_state.items() if k.startswith(shared)}
+            moved = momentum_step(shared_prev, {k: avg[k] for k in shared_prev}, velocity, cfg.fedce_server_momentum)
+            avg = {**avg, **moved}
+        elif cfg.fedce_server_momentum > 0:
+            velocity = {}
+        global_state = avg
         if on_round is not None:
             on_round(rnd, time.perf_counter() - t0)
     metrics = []

@@ -65,7 +65,9 @@ def train_fedce(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
     checkpoint = StageCheckpoint(rec.folder, "fedce")
     arrays, rounds, missing = rec.timed(
-        "stage1-fedce", lambda: fed.partial_fedavg(init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds, checkpoint)
+        "stage1-fedce", lambda: fed.partial_fedavg(
+            init.state_dict(), prefixes, MSG_FEDCE, cfg.fedce_rounds, checkpoint, cfg.fedce_server_momentum
+        )
     )
     rec.add_rounds("fedce", rounds)
     rec.stage_details("fedce", {"shared-prefixes": list(prefixes), "rounds": rounds, "missing-replies": missing})

@@ -169,6 +169,7 @@ class Federation:
         message_type: str,
         num_rounds: int,
         checkpoint: StageCheckpoint | None = None,
+        server_momentum: float = 0.0,
     ) -> tuple[ArrayRecord, dict[int, dict[str, float]], dict[int, dict[int, str]]]:
         """Run one federated stage with :class:`PartialFedAvg` over every client.
 
@@ -176,7 +177,8 @@ class Federation:
         others are logged and recorded); it fails only if none is. With a
         ``checkpoint`` every aggregated round is saved to it, and with
         ``resume`` in the config the stage continues after the saved round
-        (or returns the saved result if it had finished).
+        (or returns the saved result if it had finished). ``server_momentum``
+        > 0 makes it FedAvgM (its velocity is checkpointed too).
 
         Returns
         -------
@@ -201,7 +203,10 @@ class Federation:
             min_train_nodes=self.cfg.num_clients,
             min_available_nodes=self.cfg.num_clients,
             node_wait=self.cfg.round_timeout,
+            server_momentum=server_momentum,
         )
+        if saved and saved.get("velocity") is not None:
+            strategy.velocity = {k: v.numpy() for k, v in saved["velocity"].items()}
 
         def after_round(server_round: int, current: ArrayRecord) -> None:
             """Flower's per-round hook (``evaluate_fn``): record the round, checkpoint it."""
@@ -213,7 +218,8 @@ class Federation:
             if lost:
                 missing[r] = lost
             if checkpoint is not None:
-                checkpoint.save(round=r, arrays=from_record(current), rounds=rounds, missing=missing)
+                velocity = None if strategy.velocity is None else {k: torch.from_numpy(v) for k, v in strategy.velocity.items()}
+                checkpoint.save(round=r, arrays=from_record(current), rounds=rounds, missing=missing, velocity=velocity)
 
         result = strategy.start(
             grid=self.grid,

@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from ..algorithms.server_momentum import momentum_step
 from ..constants import SHARED_PREFIXES
 from .nodes import wait_for_nodes
 from .validation import (
@@ -78,6 +87,10 @@ class PartialFedAvg(FedAvg):
     node_wait : float
         Seconds a round waits for ``min_available_nodes`` before failing with
         :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
+    server_momentum : float
+        FedAvgM momentum on the shared weights
+        (:func:`nmoe_flwr.algorithms.server_momentum.momentum_step`); 0 is FedAvg.
+        Set ``velocity`` (a dict) to continue an earlier run's.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -89,10 +102,15 @@ class PartialFedAvg(FedAvg):
         train_message_type: str = MessageType.TRAIN,
         min_replies: int = 1,
         node_wait: float = 600.0,
+        server_momentum: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.node_wait = node_wait
+        self.server_momentum = server_momentum
+        # FedAvgM velocity: None until the first round is averaged (that round is plain FedAvg).
+        self.velocity: dict | None = None
+        self._prev: dict = {}  # the shared entries sent this round (numpy)
         self.shared_prefixes = tuple(shared_prefixes)
         self.train_message_type = train_message_type
         self.min_replies = min_replies
@@ -116,6 +134,8 @@ class PartialFedAvg(FedAvg):
             log(INFO, "PartialFedAvg: %d local entries (%s...) stay on the clients and are not in the result",
                 len(local), local[:3])
         self._sent = array_spec(shared)
+        if self.server_momentum > 0:
+            self._prev = {k: v.numpy() for k, v in shared.items()}
         config[SHARED_PREFIXES] = list(self.shared_prefixes)
         messages = list(super().configure_train(server_round, shared, config, grid))
         for message in messages:
@@ -151,8 +171,18 @@ class PartialFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)
+        if arrays is None:
+            return None, metrics
         # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.
-        return (cast_like(arrays, self._sent) if arrays is not None else None), metrics
+        arrays = cast_like(arrays, self._sent)
+        if self.server_momentum > 0:
+            if self.velocity is None:
+                self.velocity = {}  # the first round stays plain FedAvg
+            else:
+                avg = {k: v.numpy() for k, v in arrays.items()}
+                new = momentum_step(self._prev, avg, self.velocity, self.server_momentum)
+                arrays = ArrayRecord({k: Array(np.asarray(v, dtype=avg[k].dtype)) for k, v in new.items()})
+        return arrays, metrics
 
     def reply_problem(self, reply: Message) -> str | None:
         """Why a training reply breaks the client contract, or ``None``."""

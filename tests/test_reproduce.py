@@ -93,3 +93,10 @@ def test_tables_only_summarizes_finished_runs(tmp_path: Path, capsys):
     assert "| tau = 0.1 | tau = 0.5 |" in (summary / "tau.md").read_text()
     assert json.loads((summary / "reproduce.json").read_text())["seeds"]["nmoe"]["macro-f1"] == [0.6, 0.7]
     assert (summary / "macro_f1_vs_tau.png").is_file() and (summary / "routed_vs_tau.png").is_file()
+
+
+def test_a_bad_key_stops_the_reproduction_before_any_run(capsys):
+    from nmoe_flwr.cli.reproduce import main
+
+    assert main(["--run-config", "configs/smoke.toml", "--set", "fedce-round=5"]) == 2
+    assert "unknown key 'fedce-round'" in capsys.readouterr().err

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from ..algorithms.alignment import RULES
+from ..config import ConfigError
 from ..pipelines.plots import accuracy_curves
 from ..workspace import output_root
-from .flwr_process import merged_run_config
+from .flwr_process import merged_run_config, validated_run_config
 from .run import launch
 
 
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = merged_run_config(args.run_config, args.set)
+    try:  # a bad key or value fails here, naming it, before the first of several runs starts
+        validated_run_config(args.app.resolve(), base)
+    except ConfigError as exc:
+        print(f"nmoe-compare-alignment: {exc}", file=sys.stderr)
+        return 2
     root = output_root(str(base.get("output-dir", "")))
     name = str(base.get("run-name") or "alignment")
     folder = root / name

@@ -110,8 +110,9 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the missing (seed, tau) points, then write the tables and plots."""
+    from ..config import ConfigError
     from ..pipelines.plots import metric_vs_tau
-    from .flwr_process import merged_run_config
+    from .flwr_process import merged_run_config, validated_run_config
     from .run import launch
 
     parser = argparse.ArgumentParser(prog="nmoe-reproduce", description=__doc__,
@@ -128,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = merged_run_config(args.run_config, args.set)
+    try:  # a bad key or value fails here, naming it, before the first of many runs starts
+        validated_run_config(args.app.resolve(), base)
+    except ConfigError as exc:
+        print(f"nmoe-reproduce: {exc}", file=sys.stderr)
+        return 2
     root = output_root(str(base.get("output-dir", "")))
     preset_tau = float(base.get("tau", 0.1))
     seeds = [int(s) for s in _floats(args.seeds)]

@@ -73,3 +73,20 @@ def reply_from(node_id: int, content, message_type: str = "train"):
         return Message(content, dst_node_id=0, message_type=message_type)
     finally:
         TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    """Run config of a 2-client FedCE on a small learnable Fashion-MNIST written by the test (in-process grid tests).
+
+    Restores torch's thread count afterwards: the ClientApp sets it for the whole process.
+    """
+    data = write_learnable_fmnist(tmp_path / "fmnist")
+    threads = torch.get_num_threads()
+    yield {
+        "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "tiny",
+        "num-clients": 2, "train-per-client": 24, "test-per-client": 20, "fedce-rounds": 2,
+        "batch-size": 8, "mlp-hidden": 16, "augment": True, "channels-last": False, "torch-threads": 1,
+        "device": "cpu",
+    }
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ the real ClientApp through an in-process Grid."""
 
 import pytest
 import torch
-from conftest import write_learnable_fmnist
 from flwr.app import ConfigRecord, Message, RecordDict
 from inprocess_grid import InProcessGrid
 
@@ -39,16 +38,8 @@ ROUNDS = 2
 
 
 @pytest.fixture
-def run_config(tmp_path):
-    data = write_learnable_fmnist(tmp_path / "fmnist")
-    threads = torch.get_num_threads()
-    yield {
-        "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "plain-vs-flwr",
-        "num-clients": 2, "train-per-client": 24, "test-per-client": 20, "fedce-rounds": ROUNDS,
-        "batch-size": 8, "mlp-hidden": 16, "augment": True, "channels-last": False, "torch-threads": 1,
-        "device": "cpu",
-    }
-    torch.set_num_threads(threads)  # the ClientApp sets torch's threads for the whole process
+def run_config(tiny_run_config):
+    return {**tiny_run_config, "run-name": "plain-vs-flwr", "fedce-rounds": ROUNDS}
 
 
 def _flower_path(run_config):

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import write_learnable_fmnist
 from inprocess_grid import InProcessGrid
 
 from nmoe_flwr import client_app
@@ -26,15 +25,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
-def run_config(tmp_path):
-    data = write_learnable_fmnist(tmp_path / "fmnist")
-    threads = torch.get_num_threads()
-    yield {
-        "data-dir": str(data), "output-dir": str(tmp_path / "out"), "run-name": "resume",
-        "num-clients": 2, "train-per-client": 24, "test-per-client": 20, "fedce-rounds": 3,
-        "batch-size": 8, "mlp-hidden": 16, "channels-last": False, "torch-threads": 1, "device": "cpu",
-    }
-    torch.set_num_threads(threads)
+def run_config(tiny_run_config):
+    return {**tiny_run_config, "run-name": "resume", "fedce-rounds": 3}
 
 
 class _KeepRound(StageCheckpoint):

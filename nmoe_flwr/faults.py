@@ -14,11 +14,14 @@ reports what the faults did to training).
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .algorithms.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 Fault = Literal["drop", "straggle"]
 
@@ -44,11 +47,8 @@ def fault_of(seed: int, partition_id: int, stage: str, server_round: int, drop: 
     return None
 
 
-def inject(cfg, partition_id: int, stage: str, server_round: int, sleep=time.sleep) -> None:
-    """Apply the configured fault, if any: raise :class:`InjectedFault` or sleep past the round timeout.
-
-    ``cfg`` is the client's :class:`~nmoe_flwr.config.RunConfig`.
-    """
+def inject(cfg: RunConfig, partition_id: int, stage: str, server_round: int, sleep=time.sleep) -> None:
+    """Apply the configured fault, if any: raise :class:`InjectedFault` or sleep past the round timeout."""
     fault = fault_of(cfg.seed, partition_id, stage, server_round, cfg.fault_drop_rate, cfg.fault_straggler_rate)
     if fault == "drop":
         raise InjectedFault(f"injected drop-out of partition {partition_id} in {stage} round {server_round} "

@@ -195,7 +195,7 @@ class Federation:
         if offset:
             log(INFO, "%s: resuming after round %d of %d", message_type, offset, num_rounds)
         if offset >= num_rounds:
-            return (split_shared(arrays, prefixes)[0] if saved else arrays), rounds, missing
+            return split_shared(arrays, prefixes)[0], rounds, missing  # finished before the crash
         strategy = PartialFedAvg(
             prefixes,
             train_message_type=message_type,

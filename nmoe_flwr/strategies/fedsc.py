@@ -27,9 +27,9 @@ from .validation import (
     array_spec,
     cast_like,
     common_metrics,
+    fedavg_reply_problem,
     metric_problem,
     screen,
-    single_records,
 )
 
 
@@ -212,8 +212,7 @@ class FedSC(FedAvg):
 
     def train_problem(self, reply: Message) -> str | None:
         """Why a training reply breaks the contract (FedAvg's: the sent entries back, a weight), or ``None``."""
-        arrays, metrics, problem = single_records(reply, self.arrayrecord_key)
-        return problem or array_problem(arrays, self._sent or {}) or metric_problem(metrics, (), self.weighted_by_key)
+        return fedavg_reply_problem(reply, self.arrayrecord_key, self._sent or {}, self.weighted_by_key)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -22,13 +22,11 @@ from ..algorithms.server_momentum import momentum_step
 from ..constants import SHARED_PREFIXES
 from .nodes import wait_for_nodes
 from .validation import (
-    array_problem,
     array_spec,
     cast_like,
     common_metrics,
-    metric_problem,
+    fedavg_reply_problem,
     screen,
-    single_records,
 )
 
 
@@ -186,5 +184,4 @@ class PartialFedAvg(FedAvg):
 
     def reply_problem(self, reply: Message) -> str | None:
         """Why a training reply breaks the client contract, or ``None``."""
-        arrays, metrics, problem = single_records(reply, self.arrayrecord_key)
-        return problem or array_problem(arrays, self._sent or {}) or metric_problem(metrics, (), self.weighted_by_key)
+        return fedavg_reply_problem(reply, self.arrayrecord_key, self._sent or {}, self.weighted_by_key)

@@ -106,6 +106,13 @@ def single_records(reply: Message, array_key: str | None) -> tuple[ArrayRecord |
     return arrays, next(iter(content.metric_records.values())), None
 
 
+def fedavg_reply_problem(reply: Message, array_key: str, sent: ArraySpec, weight_key: str) -> str | None:
+    """FedAvg's client contract: one ArrayRecord ``array_key`` with exactly the ``sent`` entries, one
+    MetricRecord with a positive ``weight_key``. The reason a reply breaks it, or ``None``."""
+    arrays, metrics, problem = single_records(reply, array_key)
+    return problem or array_problem(arrays, sent) or metric_problem(metrics, (), weight_key)
+
+
 def screen(
     replies: Iterable[Message],
     check: ReplyCheck,

@@ -254,7 +254,8 @@ class ExpertAssignment(FedAvg):
         for key, n in lengths.items():
             value = metrics[key]
             if not isinstance(value, list) or len(value) != n:
-                return f"metric {key!r} must be a list of {n} values"
+                got = f"{len(value)} values" if isinstance(value, list) else repr(value)
+                return f"metric {key!r} must be a list of {n} values, got {got}"
         return None
 
     def aggregate_evaluate(

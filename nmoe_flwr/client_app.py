@@ -167,14 +167,14 @@ def train_fedce(msg: Message, context: Context) -> Message:
     rnd, num_rounds = _stage_round(config), int(config[NUM_ROUNDS])
     inject(env.cfg, env.partition_id, "fedce", rnd)
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
     model = env.runtime.prepare(model)
     stats = fedce.train_classifier(
         model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
         epochs=env.cfg.fedce_local_epochs, lr=fedce.fedce_round_lr(env.cfg.lr, rnd, num_rounds),
         seed=env.seed("fedce", rnd), logit_adjust=env.cfg.fedce_logit_adjust,
     )
-    return _reply(msg, _fit_metrics(stats), split_partial(model, _prefixes(msg), context, LOCAL_FEDCE))
+    return _reply(msg, _fit_metrics(stats), split_partial(model, _prefixes(msg), context, LOCAL_FEDCE, env.store))
 
 
 @app.evaluate(_name(MSG_EVAL_CLASSIFIER))
@@ -184,7 +184,7 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
     model = env.runtime.prepare(model)
     metrics = _on_tests(split, lambda _, data: _classifier_scores(env, model, data))
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
@@ -282,12 +282,13 @@ def _freeze_extractor(env: ClientEnv, split: ClientSplits, model: nn.Module) -> 
     return latents
 
 
-def _has_trained_head(msg: Message, context: Context) -> bool:
+def _has_trained_head(msg: Message, context: Context, env: ClientEnv) -> bool:
     """Whether stage 1 left this client a classifier head: averaged by the
-    server (sent with the extractor) or kept local in ``context.state``."""
+    server (sent with the extractor) or kept local (``context.state``, or its
+    disk after the node restarted)."""
     sent = any(k.startswith(HEAD_PREFIX) for k in msg.content[ARRAYS])
-    local = LOCAL_FEDCE in context.state and any(k.startswith(HEAD_PREFIX) for k in context.state[LOCAL_FEDCE])
-    return sent or local
+    kept = context.state[LOCAL_FEDCE] if LOCAL_FEDCE in context.state else env.store.local(LOCAL_FEDCE, context.run_id)
+    return sent or any(k.startswith(HEAD_PREFIX) for k in (kept or {}))
 
 
 @app.train(_name(MSG_EXPERT))
@@ -297,14 +298,14 @@ def train_expert(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
     # After the latents are cached: a client whose expert is lost still routes (to the others' experts).
     inject(env.cfg, env.partition_id, "expert", 0)
     head = strip_prefix(model.state_dict(), HEAD_PREFIX)
-    has_head = _has_trained_head(msg, context)
+    has_head = _has_trained_head(msg, context, env)
     from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and has_head)
     if cfg.expert_init == "head" and not has_head:
         raise ValueError("expert-init = 'head' but stage 1 left this client no head (FedSC, or a saved extractor without head.pt); use 'auto' or 'scratch'")
@@ -404,7 +405,7 @@ def _gate(env: ClientEnv, msg: Message, context: Context, bank: list[nn.Module |
     """This client's gate: the server's shared layers over its own local ones;
     experts missing from ``bank`` are masked."""
     g = gate.new_gate(env.cfg.mlp_hidden, env.cfg.num_clients, derive_seed(env.cfg.seed, "gate-init"))
-    load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE)
+    load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE, env.store)
     return env.runtime.prepare(gate.mask_missing(g, gate.available(bank)))
 
 
@@ -438,7 +439,7 @@ def train_gate(msg: Message, context: Context) -> Message:
             top1 = g(latents).argmax(1)
         diag = routing_diagnostics(top1, labels, env.partition_id, owners, split.train.num_classes)
         metrics |= {TRAIN_PREFIX + k: v for k, v in diag.items()}
-    return _reply(msg, metrics, split_partial(g, _prefixes(msg), context, LOCAL_GATE))
+    return _reply(msg, metrics, split_partial(g, _prefixes(msg), context, LOCAL_GATE, env.store))
 
 
 def _owners(env: ClientEnv, num_classes: int) -> dict[int, list[int]] | None:

@@ -139,6 +139,22 @@ class ClientStore:
         """The own expert's cross-fitted answers, or ``None`` if none were made."""
         return self._load(self.OWN_OOF)["probs"] if (self.folder / self.OWN_OOF).exists() else None
 
+    # --- local parameters of partially averaged models ----------------------
+    def save_local(self, key: str, run_id: int, state: dict[str, Tensor]) -> None:
+        """Keep the entries that never leave this client (a copy of ``context.state[key]``) for run ``run_id``."""
+        self._save(f"local-{key}.pt", {"run-id": run_id, "state": {k: v.detach().cpu() for k, v in state.items()}})
+
+    def local(self, key: str, run_id: int) -> dict[str, Tensor] | None:
+        """The entries :meth:`save_local` kept for this very run, or ``None``.
+
+        Only the same run's: a later run under the same run name must not
+        start from an earlier run's local layers.
+        """
+        if not (self.folder / f"local-{key}.pt").exists():
+            return None
+        blob = self._load(f"local-{key}.pt")
+        return blob["state"] if blob["run-id"] == run_id else None
+
     @property
     def checkpoint_dir(self) -> Path:
         """``<run>/checkpoints/client-<id>``: the inference checkpoint of this client."""
@@ -210,9 +226,17 @@ class ClientEnv:
         return derive_seed(self.cfg.seed, self.partition_id, *parts)
 
 
-def load_partial(model: nn.Module, shared: ArrayRecord, context: Context | None = None, state_key: str = "") -> None:
+def load_partial(
+    model: nn.Module,
+    shared: ArrayRecord,
+    context: Context | None = None,
+    state_key: str = "",
+    store: ClientStore | None = None,
+) -> None:
     """Load the server's entries over ``model``, then this client's local ones
-    kept in ``context.state[state_key]`` (if a context is given and it has any yet).
+    kept in ``context.state[state_key]`` (if a context is given and it has any yet),
+    else those ``store`` kept for this run (a SuperNode restarted after a crash
+    has an empty ``context.state`` but the same disk and run).
 
     Raises
     ------
@@ -220,16 +244,26 @@ def load_partial(model: nn.Module, shared: ArrayRecord, context: Context | None 
         If the server sent entries the model does not have.
     """
     received = from_record(shared)
-    local = from_record(context.state[state_key]) if context is not None and state_key in context.state else {}
+    local: dict[str, Tensor] = {}
+    if context is not None and state_key in context.state:
+        local = from_record(context.state[state_key])
+    elif store is not None and context is not None:
+        local = store.local(state_key, context.run_id) or {}
     unknown = set(received) - set(model.state_dict())
     if unknown:
         raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
     model.load_state_dict({**model.state_dict(), **received, **local})
 
 
-def split_partial(model: nn.Module, prefixes: Sequence[str], context: Context, state_key: str) -> ArrayRecord:
-    """Keep the entries outside ``prefixes`` in ``context.state``; return the shared ones."""
+def split_partial(
+    model: nn.Module, prefixes: Sequence[str], context: Context, state_key: str, store: ClientStore | None = None
+) -> ArrayRecord:
+    """Keep the entries outside ``prefixes`` in ``context.state`` (and in ``store``,
+    if given, so they survive the node); return the shared ones."""
     state = model.state_dict()
     shared = state_subset(state, prefixes)
-    context.state[state_key] = to_record({k: v for k, v in state.items() if k not in shared})
+    local = {k: v for k, v in state.items() if k not in shared}
+    context.state[state_key] = to_record(local)
+    if store is not None and local:
+        store.save_local(state_key, context.run_id, local)
     return to_record(shared)

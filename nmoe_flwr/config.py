@@ -74,6 +74,9 @@ class RunConfig(BaseModel):
     channels_last: bool = True
     torch_threads: int = Field(0, ge=0)  # 0 -> CPUs Flower gives each client
     round_timeout: float = Field(3600.0, ge=1.0)  # seconds; below 1 s no client can answer
+    # Seconds a round waits for absent nodes (a restarted SuperNode rejoins) before going on without them;
+    # above the SuperLink's 60 s to mark a dead node offline (30 s heartbeat x patience 2).
+    rejoin_timeout: float = Field(120.0, ge=0.0)
     fault_drop_rate: float = Field(0.0, ge=0, lt=1)  # simulation: share of clients failing each training round (nmoe_flwr/faults.py)
     fault_straggler_rate: float = Field(0.0, ge=0, lt=1)  # simulation: share answering after round-timeout
 

@@ -100,21 +100,29 @@ def test_a_device_whose_own_expert_was_lost_still_classifies_through_its_neighbo
 
 
 class _Grid:
-    """Answers like nodes would: some fail, some never answer."""
+    """Answers like nodes would: some fail, some never answer, and for nodes the SuperLink
+    counts as offline it answers itself (sender: the SuperLink's id, 1)."""
 
-    def __init__(self, failing=(), silent=()):
-        self.failing, self.silent = set(failing), set(silent)
+    def __init__(self, failing=(), silent=(), offline=()):
+        self.failing, self.silent, self.offline = set(failing), set(silent), set(offline)
 
     def send_and_receive(self, messages, timeout=None):
+        import uuid
+
         from flwr.app import Error
 
         out = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do when pushing
             node = m.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.failing:
                 out.append(Message(Error(code=0, reason="boom"), reply_to=m))
+            elif node in self.offline:
+                reply = Message(Error(code=4, reason="Node Unavailable"), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID
+                out.append(reply)
             else:
                 out.append(Message(RecordDict(), reply_to=m))
         return out
@@ -131,11 +139,17 @@ def test_send_to_all_records_missing_nodes_or_fails_naming_them():
     assert missing == {2: "error reply: boom", 3: "no reply within the round timeout"}
     with pytest.raises(ClientFailure, match="no node answered"):
         send_to_all(_Grid(failing={1, 2, 3}), contents, "train.expert", 1.0, {})
+    missing = {}  # issue 12.4: the SuperLink's "Node Unavailable" reply is put on the dead node, not on node 1
+    send_to_all(_Grid(offline={3}), {n: RecordDict() for n in (7, 3, 9)}, "evaluate.nmoe", 1.0, missing)
+    assert missing == {3: "error reply: Node Unavailable"}
 
 
-def test_a_round_waits_for_lost_nodes_only_as_long_as_allowed():
-    """Issue 12.4: Flower's sample_nodes waits forever for min_available_nodes; our strategies do not."""
+def test_a_round_waits_for_lost_nodes_only_as_long_as_allowed(task_identity):
+    """Issue 12.4: Flower's sample_nodes waits forever for min_available_nodes; our strategies wait
+    node_wait seconds, then go on with the connected nodes if they are at least min_replies."""
     import time
+
+    from flwr.app import ArrayRecord, ConfigRecord
 
     from nmoe_flwr.strategies import PartialFedAvg
     from nmoe_flwr.strategies.nodes import NodesLost, wait_for_nodes
@@ -148,9 +162,55 @@ def test_a_round_waits_for_lost_nodes_only_as_long_as_allowed():
     with pytest.raises(NodesLost, match="only 2 of the 3 nodes needed are connected after 0.3 s"):
         wait_for_nodes(_TwoOfThree(), 3, 0.3, "train.fedce round 2", poll=0.05)
     assert time.monotonic() - t0 < 2
-    strategy = PartialFedAvg(["shared."], min_available_nodes=3, node_wait=0.2)
-    from flwr.app import ArrayRecord, ConfigRecord
-
-    with pytest.raises(NodesLost):
-        strategy.configure_train(2, ArrayRecord(), ConfigRecord(), _TwoOfThree())
+    assert wait_for_nodes(_TwoOfThree(), 3, 0.1, "x", at_least=2, poll=0.05) == [1, 2]
     assert wait_for_nodes(_TwoOfThree(), 2, 0.0, "x") == [1, 2]
+
+    going_on = PartialFedAvg(["shared."], min_available_nodes=3, min_train_nodes=3, node_wait=0.2)
+    messages = going_on.configure_train(2, ArrayRecord(), ConfigRecord(), _TwoOfThree())
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2]
+    assert going_on.connected[2] == [1, 2]
+    assert messages[0].content["config"]["server-round"] == 2
+    too_few = PartialFedAvg(["shared."], min_available_nodes=3, node_wait=0.2, min_replies=3)
+    with pytest.raises(NodesLost, match="only 2 of the 3 nodes needed"):
+        too_few.configure_train(2, ArrayRecord(), ConfigRecord(), _TwoOfThree())
+
+
+def test_node_samples_are_seeded_and_sized_like_fedavg():
+    """Issue 13.2: Flower's sample_nodes draws from the unseeded global random."""
+    from nmoe_flwr.strategies.nodes import sample_nodes
+
+    nodes = list(range(100, 200))
+    a = sample_nodes(nodes, 0.1, 2, seed=0, server_round=1)
+    assert len(a) == 10 and a == sorted(a) and set(a) <= set(nodes)
+    assert a == sample_nodes(list(reversed(nodes)), 0.1, 2, seed=0, server_round=1)  # order of ids does not matter
+    assert a != sample_nodes(nodes, 0.1, 2, seed=0, server_round=2)
+    assert a != sample_nodes(nodes, 0.1, 2, seed=1, server_round=1)
+    assert len(sample_nodes(nodes, 0.01, 5, 0, 1)) == 5  # min_nodes wins over the fraction
+    assert sample_nodes([3, 1, 2], 1.0, 5, 0, 1) == [1, 2, 3]  # never more than connected
+
+
+def test_local_layers_survive_a_restarted_node_but_not_a_new_run(tmp_path):
+    """Issue 12.4: a SuperNode restarted mid-run has an empty context.state; the local (never averaged)
+    entries come back from its disk, and only for the same run."""
+    from flwr.app import Context, RecordDict
+    from torch import nn
+
+    from nmoe_flwr.client_state import ClientStore, load_partial, split_partial
+    from nmoe_flwr.records import to_record
+
+    def context(run_id):
+        return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))  # "0." shared, "1." local
+    store = ClientStore(tmp_path / "clients" / "0")
+    shared = split_partial(model, ["0."], context(7), "local-gate", store)
+    assert sorted(shared) == ["0.bias", "0.weight"]
+
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    load_partial(fresh, to_record({}), context(7), "local-gate", store)  # restarted node, same run
+    assert torch.equal(fresh[1].weight, model[1].weight)
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    before = other[1].weight.clone()
+    load_partial(other, to_record({}), context(8), "local-gate", store)  # a later run, same folder
+    assert torch.equal(other[1].weight, before)

@@ -24,13 +24,16 @@ import argparse
 import datetime
 import ipaddress
 import json
+import os
 import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from ..config import ConfigError
 from .flwr_process import (
@@ -101,21 +104,155 @@ def make_auth_keys(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-@contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path):
-    """A child process (logging to ``log``) stopped with its whole tree on exit.
+class _Child:
+    """A child process logging to ``log`` (appended), stopped with its whole tree by :meth:`stop`.
 
-    Each gets its own tree marker, so the ClientApp processes a SuperNode
-    starts are found even when they outlive it (re-parented orphans).
+    Each start gets a fresh tree marker, so the ClientApp processes a
+    SuperNode starts are found even when they outlive it (re-parented orphans).
     """
-    fh = log.open("w")
-    name, value = tree_marker()
-    proc = subprocess.Popen(cmd, env={**env, name: value}, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop_tree(proc, marker=f"{name}={value}")
-        fh.close()
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.cmd, self.log = cmd, log
+        self.marker_name, self.marker = tree_marker()
+        with log.open("a") as fh:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, env={**env, self.marker_name: self.marker}, stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def tree(self) -> str:
+        """``NAME=value`` of the environment entry every process of this start carries."""
+        return f"{self.marker_name}={self.marker}"
+
+    def stop(self) -> None:
+        """Stop the process and everything it started (also after it was killed)."""
+        stop_tree(self.proc, marker=self.tree)
+
+
+class LoopbackDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1, with TLS and SuperNode authentication.
+
+    A context manager: entering starts the SuperLink, registers one key pair
+    per SuperNode and starts the SuperNodes; leaving stops the SuperNodes,
+    then the SuperLink, each with its whole process tree, also on errors.
+    :meth:`kill_node` and :meth:`restart_node` do to one SuperNode what a
+    device that loses power and boots again does (same key, same
+    ``--node-config``), which is how the tests check what a run survives.
+
+    Parameters
+    ----------
+    app, workdir : Path
+        The Flower app; the folder for certificates, logs, state and outputs.
+    num_nodes : int
+    node_configs : list of str, optional
+        ``--node-config`` of each SuperNode (default: its partition id and
+        ``<workdir>/node-<i>`` as output dir).
+    """
+
+    def __init__(self, app: Path, workdir: Path, num_nodes: int, node_configs: list[str] | None = None) -> None:
+        self.app, self.workdir = app.resolve(), workdir.resolve()
+        self.num_nodes = num_nodes
+        self.node_configs = node_configs or [
+            f'partition-id={i} num-partitions={num_nodes} output-dir="{self.workdir / f"node-{i}"}"'
+            for i in range(num_nodes)
+        ]
+        self.home = self.workdir / "flwr-home"
+        self.env = {**offline_env(self.home), "FLWR_HOME": str(self.home),
+                    "NMOE_OUTPUT_DIR": str(self.workdir / "server-out")}
+        self.port = 0
+        self.superlink: _Child | None = None
+        self.nodes: dict[int, _Child] = {}
+        self._keys: dict[int, Path] = {}
+
+    def __enter__(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        certs = self.certs = make_certificates(self.workdir / "certs")
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs["ca"]}"\n'
+        )
+        try:
+            self.superlink = _Child([
+                "flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+                "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(self.workdir / "state.db"), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ], self.env, self.workdir / "superlink.log")
+            wait_healthy(f"https://127.0.0.1:{self.port}/health",
+                         context=ssl.create_default_context(cafile=str(certs["ca"])))
+            for i in range(self.num_nodes):
+                private, public = make_auth_keys(self.workdir / "certs", f"supernode-{i}")
+                subprocess.run(["flwr", "supernode", "register", str(public), "loopback"], env=self.env,
+                               check=True, capture_output=True, text=True, timeout=60)
+                self._keys[i] = private
+                self.nodes[i] = self._start_node(i)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for node in self.nodes.values():  # SuperNodes first: they would retry a missing SuperLink
+            node.stop()
+        if self.superlink is not None:
+            self.superlink.stop()
+
+    def _start_node(self, i: int) -> _Child:
+        return _Child([
+            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(self._keys[i]),
+            "--port", str(free_port()), "--node-config", self.node_configs[i],
+        ], self.env, self.workdir / f"supernode-{i}.log")
+
+    def kill_node(self, i: int) -> _Child:
+        """``kill -9`` SuperNode ``i`` (only that process, as a power loss would) and reap it; return it.
+
+        Its SuperExec and ClientApp are left to notice on their own: Flower
+        starts them with ``--parent-pid`` and they exit when their parent is gone.
+        """
+        node = self.nodes[i]
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()  # a zombie still "exists" for Flower's parent-PID monitors
+        return node
+
+    def restart_node(self, i: int, timeout: float = 180.0, settle: float = 15.0) -> int:
+        """Start SuperNode ``i`` again with its key and ``--node-config`` until the SuperLink takes it.
+
+        The SuperLink refuses a node whose earlier self it still counts as
+        online (up to 60 s after its last heartbeat) and the SuperNode then
+        exits; a device's service manager restarts it (Docker's ``restart:``
+        policy, systemd's ``Restart=``), and so does this loop, every 5 s.
+        A start that is still running ``settle`` s later has joined.
+
+        Returns
+        -------
+        int
+            Starts it took.
+
+        Raises
+        ------
+        TimeoutError
+            Not taken within ``timeout`` seconds.
+        """
+        deadline, attempts = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            attempts += 1
+            node = self.nodes[i] = self._start_node(i)
+            try:
+                node.proc.wait(timeout=settle)
+            except subprocess.TimeoutExpired:
+                return attempts
+            time.sleep(5.0)
+        raise TimeoutError(f"SuperNode {i} was not taken back within {timeout:g} s ({attempts} starts)")
+
+    def run(self, run_config_file: Path, timeout: float) -> tuple[str | None, dict]:
+        """``flwr run --stream`` the app with a run config file; ``(run id, flwr ls record or {})``."""
+        cmd = ["flwr", "run", str(self.app), "loopback", "--stream", "--run-config", str(run_config_file)]
+        run_id, code = stream_flwr_run(cmd, self.env, self.app, self.workdir / "run.log", timeout)
+        if code == TIMEOUT_EXIT_CODE:
+            return run_id, {"status": "timed-out", "status-details": f"flwr run did not finish within {timeout:g} s"}
+        return run_id, (run_status({**self.env}, run_id) if run_id else {})
 
 
 def deploy(
@@ -126,55 +263,40 @@ def deploy(
     overrides: list[str] | None = None,
     node_configs: list[str] | None = None,
     timeout: float = 1800.0,
+    during: Callable[[LoopbackDeployment], None] | None = None,
 ) -> dict:
-    """Run ``run_config`` on a loopback deployment; return status, results and timings."""
-    app, workdir = app.resolve(), workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    home = workdir / "flwr-home"
-    env = {**offline_env(home), "FLWR_HOME": str(home), "NMOE_OUTPUT_DIR": str(workdir / "server-out")}
-    certs = make_certificates(workdir / "certs")
-    port = free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs["ca"]}"\n'
-    )
+    """Run ``run_config`` on a loopback deployment; return status, results and timings.
+
+    ``during``, if given, is called in a thread with the deployment once
+    ``flwr run`` has started (the tests kill and restart SuperNodes from it);
+    its exception, if any, is re-raised after the run.
+    """
     merged = merged_run_config(run_config, overrides)
-    validated_run_config(app, merged)  # raises ConfigError naming the key, before any process starts
+    validated_run_config(app.resolve(), merged)  # raises ConfigError naming the key, before any process starts
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
     config_file = write_run_config(merged, workdir / "run-config.toml")
     run_name = str(merged.get("run-name", ""))
-    outcome: dict = {"status": "not-started"}
     t_start = time.perf_counter()
-    with ExitStack() as stack:
-        stack.enter_context(_process([
-            "flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-            "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(workdir / "state.db"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ], env, workdir / "superlink.log"))
-        wait_healthy(
-            f"https://127.0.0.1:{port}/health", context=ssl.create_default_context(cafile=str(certs["ca"]))
-        )
-        # SuperNodes are entered after the SuperLink, so the stack stops them first.
-        for i in range(num_nodes):
-            private, public = make_auth_keys(workdir / "certs", f"supernode-{i}")
-            subprocess.run(["flwr", "supernode", "register", str(public), "loopback"], env=env, check=True,
-                           capture_output=True, text=True, timeout=60)
-            node_config = (node_configs[i] if node_configs else
-                           f'partition-id={i} num-partitions={num_nodes} output-dir="{workdir / f"node-{i}"}"')
-            stack.enter_context(_process([
-                "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs["ca"]),
-                "--auth-supernode-private-key", str(private), "--port", str(free_port()), "--node-config", node_config,
-            ], env, workdir / f"supernode-{i}.log"))
-        cmd = ["flwr", "run", str(app), "loopback", "--stream", "--run-config", str(config_file)]
-        run_id, code = stream_flwr_run(cmd, env, app, workdir / "run.log", timeout)
-        if code == TIMEOUT_EXIT_CODE:
-            outcome = {"status": "timed-out", "details": f"flwr run did not finish within {timeout:g} s", "run-id": run_id}
-        elif run_id:
-            record = run_status({**env}, run_id)
-            outcome = {"status": record.get("status"), "details": record.get("status-details"), "run-id": run_id}
-    outcome["wall-seconds"] = time.perf_counter() - t_start
-    results_path = workdir / "server-out" / (run_name or f"run-{outcome.get('run-id')}") / "results.json"
+    failure: list[BaseException] = []
+    with LoopbackDeployment(app, workdir, num_nodes, node_configs) as deployment:
+        worker = None
+        if during is not None:
+            def _during() -> None:
+                try:
+                    during(deployment)
+                except BaseException as exc:  # noqa: BLE001 -- handed to the caller, raised after the run
+                    failure.append(exc)
+            worker = threading.Thread(target=_during, name="deploy-during", daemon=True)
+            worker.start()
+        run_id, record = deployment.run(config_file, timeout)
+        if worker is not None:
+            worker.join(timeout=60)
+    if failure:
+        raise failure[0]
+    outcome: dict = {"status": record.get("status", "not-started"), "details": record.get("status-details"),
+                     "run-id": run_id, "wall-seconds": time.perf_counter() - t_start}
+    results_path = workdir / "server-out" / (run_name or f"run-{run_id}") / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
         outcome["results"] = str(results_path)

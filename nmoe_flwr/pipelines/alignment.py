@@ -61,7 +61,7 @@ def run_alignment(fed: Federation, rec: RunRecorder) -> None:
         profiles=dict(enumerate(tiers)), scores=scores, seed=derive_seed(cfg.seed, "assignment"),
         fitness_weight=cfg.fitness_weight, usage_weight=cfg.usage_weight, cap_slack=cfg.load_cap_slack,
         train_message_type=MSG_MOE, evaluate_message_type=MSG_EVAL_MOE,
-        fraction_train=cfg.fraction_train, min_available_nodes=cfg.num_clients, node_wait=cfg.round_timeout,
+        fraction_train=cfg.fraction_train, min_available_nodes=cfg.num_clients, node_wait=cfg.rejoin_timeout,
     )
     init = new_global_moe(cfg.mlp_hidden, fed.num_classes, cfg.num_experts, derive_seed(cfg.seed, "moe-init")).state_dict()
     t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         stale_matrices=cfg.fedsc_stale_matrices,
         timeout=cfg.round_timeout,
         correlation_dim=cfg.fedsc_proj_dim,
-        node_wait=cfg.round_timeout,
+        node_wait=cfg.rejoin_timeout, sample_seed=cfg.seed,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_available_nodes=cfg.num_clients,
@@ -106,7 +106,9 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
     ))
     rounds = rounds_of(result, num_rounds, MSG_FEDSC)
-    missing = {r: {fed.pids.get(n, n): why for n, why in lost.items()} for r, lost in strategy.missing.items() if lost}
+    missing = {r: {fed.pids.get(n, n): why for n, why in lost.items()} | fed.absent(strategy.connected.get(r))
+               for r, lost in strategy.missing.items()}
+    missing = {r: lost for r, lost in missing.items() if lost}
     for r, metrics in rounds.items():
         metrics["replies"] = len(fed.pids) - len(missing.get(r, {}))
     releases = max(strategy.releases.values(), default=0)

@@ -27,6 +27,8 @@ from ..constants import (
 )
 from ..records import from_record, to_record
 from ..strategies import PartialFedAvg, split_shared
+from ..strategies.nodes import wait_for_nodes
+from ..strategies.validation import origin
 from .resume import StageCheckpoint
 
 
@@ -54,8 +56,9 @@ def send_to_all(
     """
     messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    lost = {r.metadata.src_node_id: f"error reply: {r.error.reason}" for r in replies if r.has_error()}
-    answered = {r.metadata.src_node_id for r in replies}
+    to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    lost = {origin(r, to): f"error reply: {r.error.reason}" for r in replies if r.has_error()}
+    answered = {origin(r, to) for r in replies}
     lost |= {node: "no reply within the round timeout" for node in contents if node not in answered}
     if lost and missing is None:
         raise ClientFailure(f"{message_type}: {len(replies) - len(lost)}/{len(messages)} replies; "
@@ -150,11 +153,19 @@ class Federation:
         With ``missing`` (a dict), partitions that fail or time out are
         recorded there by partition id and left out (else the run ends).
         """
+        # A node that died may be restarting: give it the rejoin window; one that stays away gets an error reply.
+        wait_for_nodes(self.grid, len(self.pids), self.cfg.rejoin_timeout, message_type, at_least=1)
         lost: dict[int, str] | None = {} if missing is not None else None
         replies = send_to_all(self.grid, {node: content for node in self.pids}, message_type, self.cfg.round_timeout, lost)
         if missing is not None and lost:
             missing.update({self.pids[node]: why for node, why in lost.items()})
         return {self.pids[node]: reply for node, reply in replies.items()}
+
+    def absent(self, connected: Sequence[int] | None) -> dict[int, str]:
+        """``{partition id: "not connected"}`` of the nodes missing from ``connected``."""
+        if connected is None:
+            return {}
+        return {pid: "not connected when the round started" for node, pid in self.pids.items() if node not in connected}
 
     def broadcast_metrics(
         self, content: RecordDict, message_type: str, missing: dict[int, str] | None = None
@@ -202,7 +213,8 @@ class Federation:
             fraction_evaluate=0.0,  # evaluation is a separate, final message
             min_train_nodes=self.cfg.num_clients,
             min_available_nodes=self.cfg.num_clients,
-            node_wait=self.cfg.round_timeout,
+            node_wait=self.cfg.rejoin_timeout,
+            sample_seed=self.cfg.seed,
             server_momentum=server_momentum,
         )
         if saved and saved.get("velocity") is not None:
@@ -214,6 +226,7 @@ class Federation:
                 return
             r = offset + server_round
             lost = {self.pids.get(n, n): why for n, why in strategy.missing.get(server_round, {}).items()}
+            lost |= self.absent(strategy.connected.get(server_round))
             rounds[r] = {**strategy.train_metrics.get(server_round, {}), "replies": self.cfg.num_clients - len(lost)}
             if lost:
                 missing[r] = lost

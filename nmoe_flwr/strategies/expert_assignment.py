@@ -28,7 +28,7 @@ from ..constants import (
     TRAIN_LOSS,
     moe_expert_prefix,
 )
-from .nodes import wait_for_nodes
+from .nodes import round_nodes, sample_nodes, wait_for_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -131,8 +131,8 @@ class ExpertAssignment(FedAvg):
     metric above with the right list lengths, a positive ``"num-examples"``.
     A bad reply is dropped for the round with a warning naming the node.
 
-    Evaluation uses FedAvg's ``configure_evaluate`` with
-    ``evaluate_message_type``; the client scores the full global model.
+    Evaluation sends the full global model to a ``fraction_evaluate``
+    sample of the nodes with ``evaluate_message_type``; the client scores it.
     """
 
     def __init__(
@@ -154,7 +154,10 @@ class ExpertAssignment(FedAvg):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.node_wait = node_wait  # seconds a round waits for min_available_nodes (Flower: forever)
+        # Seconds a round waits for min_available_nodes (Flower: forever), then goes on with min_replies or more.
+        self.node_wait = node_wait
+        self.sample_seed = seed  # the node sample of a round (fraction_train < 1) is seeded too
+        self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         self.rule, self.num_experts = rule, num_experts
         self.clients, self.profiles, self.scores = dict(clients), dict(profiles), scores
         self.rng = np.random.default_rng(seed)
@@ -165,6 +168,7 @@ class ExpertAssignment(FedAvg):
         self._assigned: dict[int, list[int]] = {}
         self._bytes_down: dict[int, int] = {}
         self._sent: dict[int, dict] = {}  # node -> spec of the entries sent this round
+        self._out: list[Message] = []  # the training messages of this round
         self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why its reply was not used}
         self.min_replies = min_replies  # fewest valid replies a round goes on with (RoundFailed below)
 
@@ -179,8 +183,9 @@ class ExpertAssignment(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes, assign experts, send each node the gate and its experts."""
         self._global = arrays
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
-        nodes = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
+        nodes, self.connected[server_round] = round_nodes(self, grid, server_round,
+                                                          f"{self.train_message_type} round {server_round}")
+        config["server-round"] = server_round  # as FedAvg.configure_train
         rows = [self.clients[n] for n in nodes]
         caps = {self.clients[n]: self.profiles[self.clients[n]].max_experts for n in nodes}
         by_row = assign(
@@ -198,6 +203,7 @@ class ExpertAssignment(FedAvg):
             cfg = ConfigRecord({**dict(config), ASSIGNED_EXPERTS: self._assigned[node]})
             content = RecordDict({self.arrayrecord_key: subset, self.configrecord_key: cfg})
             messages.append(Message(content, dst_node_id=node, message_type=self.train_message_type))
+        self._out = messages
         return messages
 
     def aggregate_train(
@@ -208,7 +214,7 @@ class ExpertAssignment(FedAvg):
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
         self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies, expected=list(self._assigned), dropped=self.missing[server_round])
+                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round])
         # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
         valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
         current = {k: v.numpy() for k, v in self._global.items()}
@@ -275,8 +281,13 @@ class ExpertAssignment(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation messages, routed to ``evaluate_message_type``."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        for message in messages:
-            message.metadata.message_type = self.evaluate_message_type
-        return messages
+        """The global model to a seeded ``fraction_evaluate`` sample of the connected nodes
+        (a bounded wait, as for training), as ``evaluate_message_type``."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        what = f"{self.evaluate_message_type} round {server_round}"
+        connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait, what, at_least=self.min_replies)
+        nodes = sample_nodes(connected, self.fraction_evaluate, self.min_evaluate_nodes, self.sample_seed, -server_round)
+        config["server-round"] = server_round  # as FedAvg.configure_evaluate
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content, dst_node_id=node, message_type=self.evaluate_message_type) for node in nodes]

@@ -21,7 +21,7 @@ from ..constants import (
     NUM_EXAMPLES,
     R_EXT_KEY,
 )
-from .nodes import wait_for_nodes
+from .nodes import round_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -105,8 +105,12 @@ class FedSC(FedAvg):
         Fewest valid replies (each phase) a round goes on with; fewer fail
         the run with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
     node_wait : float
-        Seconds a round waits for ``min_available_nodes`` before failing with
+        Seconds a round waits for ``min_available_nodes`` (e.g. for a
+        restarted SuperNode to rejoin) before it goes on with the connected
+        nodes, if at least ``min_replies``, else fails with
         :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
+    sample_seed : int
+        Seed of the per-round node sample when ``fraction_train`` < 1.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -122,10 +126,12 @@ class FedSC(FedAvg):
         correlation_dim: int | None = None,
         min_replies: int = 1,
         node_wait: float = 600.0,
+        sample_seed: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.node_wait = node_wait
+        self.node_wait, self.sample_seed = node_wait, sample_seed
+        self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         if stale_matrices not in ("reuse", "drop"):
             raise ValueError(f"stale_matrices must be 'reuse' or 'drop', got {stale_matrices!r}")
         self.alpha = alpha
@@ -136,7 +142,7 @@ class FedSC(FedAvg):
         self.correlation_dim = correlation_dim
         self.min_replies = min_replies
         self._sent: dict | None = None  # spec of the weights sent this round
-        self._asked: list[int] = []  # nodes sent a training message this round
+        self._out: list[Message] = []  # the messages of the current phase
         self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why it was left out}
         self.matrices: dict[int, CorrelationEntry] = {}
         self.releases: dict[int, int] = {}  # node -> matrices sent (for privacy accounting)
@@ -180,7 +186,7 @@ class FedSC(FedAvg):
         self.missing[server_round] = {}
         valid = screen(replies, self.correlation_problem, what=self.correlation_message_type,
                        server_round=server_round, min_replies=self.min_replies,
-                       expected=self._asked, dropped=self.missing[server_round])
+                       sent=self._out, dropped=self.missing[server_round])
         fresh = {}
         for reply in valid:
             node = reply.metadata.src_node_id
@@ -203,7 +209,7 @@ class FedSC(FedAvg):
         if self._sent is None:
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
         valid = screen(replies, self.train_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies, expected=self._asked,
+                       min_replies=self.min_replies, sent=self._out,
                        dropped=self.missing.setdefault(server_round, {}))
         common_metrics(valid)
         arrays, metrics = super().aggregate_train(server_round, valid)
@@ -218,8 +224,9 @@ class FedSC(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, run the correlation phase, then build per-node training messages."""
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
-        sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
+        sampled, self.connected[server_round] = round_nodes(self, grid, server_round,
+                                                            f"{self.train_message_type} round {server_round}")
+        config["server-round"] = server_round  # as FedAvg.configure_train
         self._sent = array_spec(arrays)
         config[ALPHA] = float(self.alpha(server_round))
         queries = [
@@ -229,7 +236,7 @@ class FedSC(FedAvg):
             )
             for node in sampled
         ]
-        self._asked = list(sampled)
+        self._out = queries
         replies = list(grid.send_and_receive(queries, timeout=self.timeout))
         self.collect_matrices(server_round, replies)
         messages = []
@@ -240,5 +247,5 @@ class FedSC(FedAvg):
             ext = ArrayRecord({R_EXT_KEY: Array(np.ascontiguousarray(r_ext, dtype=np.float32))}) if r_ext is not None else ArrayRecord()
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, CORRELATION: ext})
             messages.append(Message(content, dst_node_id=node, message_type=self.train_message_type))
-        self._asked = [m.metadata.dst_node_id for m in messages]
+        self._out = messages
         return messages

@@ -1,38 +1,88 @@
-"""A bounded wait for nodes, before Flower's unbounded one.
+"""The nodes of a round: a bounded wait, then a seeded sample of those connected.
 
-``FedAvg.configure_train`` samples through ``sample_nodes``, which waits for
-``min_available_nodes`` forever ("Waiting for nodes to connect ..."): a
-SuperNode that died keeps a deployment waiting until something outside kills
-it. The strategies of this package call :func:`wait_for_nodes` first, so the
-run fails after ``timeout`` seconds with a message instead.
+``FedAvg.configure_train`` samples through Flower's ``sample_nodes``, which
+waits for ``min_available_nodes`` forever ("Waiting for nodes to connect
+...") and draws from the global ``random``. On a deployment, a SuperNode
+that died then keeps the run waiting until something outside kills it.
+The strategies of this package call :func:`round_nodes` instead: a round
+waits at most ``node_wait`` seconds for the nodes it wants (long enough for
+a restarted SuperNode to rejoin), then goes on with those connected if they
+are at least ``min_replies``, and fails with :class:`NodesLost` otherwise.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 
 class NodesLost(RuntimeError):
-    """Fewer nodes than a round needs stayed connected for longer than the wait allows."""
+    """Fewer nodes than a round can go on with stayed connected for longer than the wait allows."""
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float, what: str, poll: float = 1.0) -> list[int]:
-    """The connected node ids once at least ``minimum`` are connected.
+def wait_for_nodes(
+    grid: Grid, wanted: int, timeout: float, what: str, at_least: int | None = None, poll: float = 1.0
+) -> list[int]:
+    """The connected node ids, once ``wanted`` are connected or ``timeout`` s have passed.
+
+    Parameters
+    ----------
+    wanted : int
+        Nodes to wait for.
+    timeout : float
+        Longest wait, in seconds.
+    at_least : int, optional
+        Fewest nodes to go on with after ``timeout`` (with a WARNING); by
+        default ``wanted``.
 
     Raises
     ------
     NodesLost
-        Still fewer than ``minimum`` after ``timeout`` seconds.
+        Fewer than ``at_least`` connected after ``timeout`` seconds.
     """
+    at_least = wanted if at_least is None else at_least
     deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < minimum:
+    while len(nodes := list(grid.get_node_ids())) < wanted:
         if time.monotonic() >= deadline:
-            raise NodesLost(f"{what}: only {len(nodes)} of the {minimum} nodes needed are connected "
+            if len(nodes) >= at_least:
+                log(WARNING, "%s: going on with the %d connected nodes of the %d wanted after waiting %g s (nodes %s)",
+                    what, len(nodes), wanted, timeout, sorted(nodes))
+                return nodes
+            raise NodesLost(f"{what}: only {len(nodes)} of the {at_least} nodes needed are connected "
                             f"after {timeout:g} s (nodes {sorted(nodes)})")
-        log(INFO, "%s: waiting for nodes: %d connected (minimum %d)", what, len(nodes), minimum)
+        log(INFO, "%s: waiting for nodes: %d connected (wanted %d)", what, len(nodes), wanted)
         time.sleep(poll)
     return nodes
+
+
+def sample_nodes(connected: list[int], fraction: float, min_nodes: int, seed: int, server_round: int) -> list[int]:
+    """FedAvg's sample size (``max(int(n * fraction), min_nodes)``, at most ``n``), drawn reproducibly.
+
+    The draw depends only on the node ids, ``seed`` and ``server_round``
+    (Flower's ``sample_nodes`` uses the unseeded global ``random``). Sorted.
+    """
+    size = min(len(connected), max(int(len(connected) * fraction), min_nodes))
+    if size >= len(connected):
+        return sorted(connected)
+    return sorted(random.Random(f"nmoe-sample:{seed}:{server_round}").sample(sorted(connected), size))
+
+
+def round_nodes(strategy: FedAvg, grid: Grid, server_round: int, what: str) -> tuple[list[int], list[int]]:
+    """``(sampled, connected)`` for one training round of ``strategy``.
+
+    Reads the strategy's ``min_available_nodes`` (nodes wanted),
+    ``node_wait`` (longest wait), ``min_replies`` (fewest to go on with),
+    ``fraction_train``/``min_train_nodes`` (sample size) and
+    ``sample_seed``.
+    """
+    connected = wait_for_nodes(grid, strategy.min_available_nodes, strategy.node_wait, what,
+                               at_least=strategy.min_replies)
+    sampled = sample_nodes(connected, strategy.fraction_train, strategy.min_train_nodes, strategy.sample_seed,
+                           server_round)
+    log(INFO, "%s: sampled %d nodes (out of %d connected)", what, len(sampled), len(connected))
+    return sampled, sorted(connected)

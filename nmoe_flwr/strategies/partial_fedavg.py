@@ -13,6 +13,7 @@ from flwr.app import (
     Message,
     MessageType,
     MetricRecord,
+    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -20,7 +21,7 @@ from flwr.supercore import log
 
 from ..algorithms.server_momentum import momentum_step
 from ..constants import SHARED_PREFIXES
-from .nodes import wait_for_nodes
+from .nodes import round_nodes
 from .validation import (
     array_spec,
     cast_like,
@@ -83,8 +84,13 @@ class PartialFedAvg(FedAvg):
         Fewest valid replies a round is averaged from; fewer fail the run
         with :class:`~nmoe_flwr.strategies.validation.RoundFailed`.
     node_wait : float
-        Seconds a round waits for ``min_available_nodes`` before failing with
+        Seconds a round waits for ``min_available_nodes`` (e.g. for a
+        restarted SuperNode to rejoin) before it goes on with the connected
+        nodes, if at least ``min_replies``, else fails with
         :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
+    sample_seed : int
+        Seed of the per-round node sample when ``fraction_train`` < 1
+        (:func:`~nmoe_flwr.strategies.nodes.sample_nodes`; Flower's is unseeded).
     server_momentum : float
         FedAvgM momentum on the shared weights
         (:func:`nmoe_flwr.algorithms.server_momentum.momentum_step`); 0 is FedAvg.
@@ -101,10 +107,13 @@ class PartialFedAvg(FedAvg):
         min_replies: int = 1,
         node_wait: float = 600.0,
         server_momentum: float = 0.0,
+        sample_seed: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.node_wait = node_wait
+        self.sample_seed = sample_seed
+        self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         self.server_momentum = server_momentum
         # FedAvgM velocity: None until the first round is averaged (that round is plain FedAvg).
         self.velocity: dict | None = None
@@ -113,7 +122,7 @@ class PartialFedAvg(FedAvg):
         self.train_message_type = train_message_type
         self.min_replies = min_replies
         self._sent: dict | None = None  # spec of the shared entries sent this round
-        self._asked: list[int] = []  # nodes sent a training message this round
+        self._out: list[Message] = []  # the training messages of this round
         self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why its reply was not used}
         self.train_metrics: dict[int, dict] = {}  # round -> aggregated training metrics
 
@@ -126,7 +135,8 @@ class PartialFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send only the shared entries, and the prefixes, to the sampled nodes."""
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait, f"{self.train_message_type} round {server_round}")
+        sampled, self.connected[server_round] = round_nodes(self, grid, server_round,
+                                                            f"{self.train_message_type} round {server_round}")
         shared, local = split_shared(arrays, self.shared_prefixes)
         if self._sent is None and local:
             log(INFO, "PartialFedAvg: %d local entries (%s...) stay on the clients and are not in the result",
@@ -135,11 +145,10 @@ class PartialFedAvg(FedAvg):
         if self.server_momentum > 0:
             self._prev = {k: v.numpy() for k, v in shared.items()}
         config[SHARED_PREFIXES] = list(self.shared_prefixes)
-        messages = list(super().configure_train(server_round, shared, config, grid))
-        for message in messages:
-            message.metadata.message_type = self.train_message_type
-        self._asked = [m.metadata.dst_node_id for m in messages]
-        return messages
+        config["server-round"] = server_round  # as FedAvg.configure_train
+        content = RecordDict({self.arrayrecord_key: shared, self.configrecord_key: config})
+        self._out = [Message(content, dst_node_id=node, message_type=self.train_message_type) for node in sampled]
+        return self._out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -163,7 +172,7 @@ class PartialFedAvg(FedAvg):
                     reply.content[key] = shared
         self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies, expected=self._asked, dropped=self.missing[server_round])
+                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round])
         common_metrics(valid)
         # Sorted by node (screen): the float sums do not depend on arrival order.
         arrays, metrics = super().aggregate_train(server_round, valid)

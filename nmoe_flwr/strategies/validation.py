@@ -113,6 +113,18 @@ def fedavg_reply_problem(reply: Message, array_key: str, sent: ArraySpec, weight
     return problem or array_problem(arrays, sent) or metric_problem(metrics, (), weight_key)
 
 
+def origin(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply stands for.
+
+    The SuperLink writes the error reply for a node it counts as offline
+    ("Node Unavailable") itself, with its own id as the sender; the message
+    it answers (``sent``: message id -> destination node) names the node.
+    """
+    if reply.has_error():
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    return reply.metadata.src_node_id
+
+
 def screen(
     replies: Iterable[Message],
     check: ReplyCheck,
@@ -120,7 +132,7 @@ def screen(
     what: str,
     server_round: int,
     min_replies: int = 1,
-    expected: Iterable[int] = (),
+    sent: Sequence[Message] = (),
     dropped: dict[int, str] | None = None,
 ) -> list[Message]:
     """The replies that pass ``check``, in node order; a WARNING for every other one.
@@ -132,8 +144,9 @@ def screen(
     what : name of the phase for the log, e.g. ``"train"`` or ``"correlation"``
     server_round : the round, for the log
     min_replies : fewest valid replies the round may be aggregated from
-    expected : the nodes that were asked; those that did not answer in time
-        are logged and recorded as missing too
+    sent : the messages of the round (after sending, so with their ids);
+        nodes that did not answer in time are logged and recorded as
+        missing, and SuperLink-written error replies are put on their node
     dropped : filled with ``{node: reason}`` of every reply not used
 
     Raises
@@ -143,18 +156,19 @@ def screen(
         dropped node and why.
     """
     dropped = {} if dropped is None else dropped
+    to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     valid = []
-    replies = sorted(replies, key=lambda r: r.metadata.src_node_id)
+    replies = sorted(replies, key=lambda r: origin(r, to))
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = origin(reply, to)
         reason = f"error reply: {reply.error.reason}" if reply.has_error() else check(reply)
         if reason is None:
             valid.append(reply)
             continue
         dropped[node] = reason
         log(WARNING, "Round %d (%s): reply of node %s dropped: %s", server_round, what, node, reason)
-    answered = {r.metadata.src_node_id for r in replies}
-    for node in sorted(set(expected) - answered):
+    answered = {origin(r, to) for r in replies}
+    for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
         dropped[node] = "no reply within the round timeout"
         log(WARNING, "Round %d (%s): node %s did not reply in time", server_round, what, node)
     if len(valid) < min_replies:

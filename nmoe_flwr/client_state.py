@@ -142,7 +142,7 @@ class ClientStore:
     # --- local parameters of partially averaged models ----------------------
     def save_local(self, key: str, run_id: int, state: dict[str, Tensor]) -> None:
         """Keep the entries that never leave this client (a copy of ``context.state[key]``) for run ``run_id``."""
-        self._save(f"local-{key}.pt", {"run-id": run_id, "state": {k: v.detach().cpu() for k, v in state.items()}})
+        self._save(f"{key}.pt", {"run-id": run_id, "state": {k: v.detach().cpu() for k, v in state.items()}})
 
     def local(self, key: str, run_id: int) -> dict[str, Tensor] | None:
         """The entries :meth:`save_local` kept for this very run, or ``None``.
@@ -150,9 +150,9 @@ class ClientStore:
         Only the same run's: a later run under the same run name must not
         start from an earlier run's local layers.
         """
-        if not (self.folder / f"local-{key}.pt").exists():
+        if not (self.folder / f"{key}.pt").exists():
             return None
-        blob = self._load(f"local-{key}.pt")
+        blob = self._load(f"{key}.pt")
         return blob["state"] if blob["run-id"] == run_id else None
 
     @property

@@ -5,7 +5,7 @@ Runs a preset through ``nmoe-run`` with ``fault-drop-rate`` in ``--rates``
 prints, per rate, NMoE's final accuracy and macro-F1 (mean ± std over the
 seeds), the personalized expert alone, how many training replies were lost
 and how many experts. Baselines and pooled probes are off: they do not see
-the faults.
+the faults. A run folder that completed with the same config is reused.
 
     python scripts/fault_sweep.py --run-config configs/faults.toml --rates 0,0.1,0.3 --seeds 0,1,2
 """
@@ -18,6 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from nmoe_flwr.cli.flwr_process import merged_run_config
 from nmoe_flwr.cli.run import launch
 from nmoe_flwr.workspace import output_root
 
@@ -26,6 +27,16 @@ def fmt(values: list[float]) -> str:
     """``mean ± std`` (sample std over seeds)."""
     mean = statistics.fmean(values)
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def finished_with(results: Path, config: dict) -> bool:
+    """Whether ``results`` is a completed run whose recorded config has every key of ``config``
+    (preset plus overrides) at the same value, so an interrupted sweep reuses it."""
+    if not results.exists():
+        return False
+    data = json.loads(results.read_text())
+    recorded = data.get("config", {})
+    return data.get("run", {}).get("status") == "completed" and all(recorded.get(k) == v for k, v in config.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== fault-drop-rate {rate:g}, seed {seed} ===", flush=True)
             overrides = (f'fault-drop-rate={rate} seed={seed} run-name="{name}" '
                          "local-baseline=false centralized-baseline=false pooled-probe=false")
-            status, record = launch(Path("."), args.run_config, overrides=[overrides])
-            if status != "finished:completed":
-                print(f"{name}: {status} {record.get('status-details', '')}", file=sys.stderr)
-                return 1
-            runs.append(json.loads((root / name / "results.json").read_text()))
+            results = root / name / "results.json"
+            if finished_with(results, merged_run_config(args.run_config, [overrides])):
+                print(f"{name}: finished earlier with this config, reused", flush=True)
+            else:
+                status, record = launch(Path("."), args.run_config, overrides=[overrides])
+                if status != "finished:completed":
+                    print(f"{name}: {status} {record.get('status-details', '')}", file=sys.stderr)
+                    return 1
+            runs.append(json.loads(results.read_text()))
         lost = [sum(len(v) for st in ("fedce", "gate") for v in r["stages"][st].get("missing-replies", {}).values())
                 for r in runs]
         total = [r["config"]["num-clients"] * (r["config"]["fedce-rounds"] + r["config"]["gate-rounds"]) for r in runs]

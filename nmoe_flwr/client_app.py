@@ -94,8 +94,10 @@ from .records import (
     strip_prefix,
     to_record,
 )
+from .timeline import timeline_mod
 
-app = ClientApp()
+# Every handler's timeline (process start, imports, handler) goes to the client's disk: issue 13's breakdown.
+app = ClientApp(mods=[timeline_mod])
 
 
 def _name(message_type: str) -> str:

@@ -132,3 +132,18 @@ def test_every_message_type_the_server_sends_has_a_handler():
 
     sent = {v for k, v in vars(constants).items() if k.startswith("MSG_")}
     assert sent == set(client_app.app._registered_funcs)  # private, but the only registry Flower keeps
+
+
+def test_every_handler_leaves_a_timeline_line(run_config):
+    """Issue 13.1: the ClientApp's mod writes where a message's time went, on the client's disk."""
+    from nmoe_flwr.timeline import TIMELINE_FILE, gaps, read_timeline
+
+    ctx = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    for _ in range(2):
+        client_app.app(_msg(RecordDict(), "query.info"), ctx)  # through Flower's dispatch, so through the mods
+    lines = read_timeline(ClientEnv.of(ctx).store.folder / TIMELINE_FILE)
+    assert [line["message-type"] for line in lines] == ["query.info", "query.info"]
+    line = lines[-1]
+    assert line["process-start"] <= line["imported"] <= line["handler-start"] <= line["handler-end"]
+    assert line["created"] <= line["handler-start"]
+    assert all(v >= 0 for k, v in gaps(line).items() if k != "created -> process-start")

@@ -146,9 +146,19 @@ class LoopbackDeployment:
     node_configs : list of str, optional
         ``--node-config`` of each SuperNode (default: its partition id and
         ``<workdir>/node-<i>`` as output dir).
+    extra_env : dict, optional
+        Environment of every process started (e.g. Flower's
+        ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
     """
 
-    def __init__(self, app: Path, workdir: Path, num_nodes: int, node_configs: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: Path,
+        workdir: Path,
+        num_nodes: int,
+        node_configs: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.app, self.workdir = app.resolve(), workdir.resolve()
         self.num_nodes = num_nodes
         self.node_configs = node_configs or [
@@ -157,7 +167,7 @@ class LoopbackDeployment:
         ]
         self.home = self.workdir / "flwr-home"
         self.env = {**offline_env(self.home), "FLWR_HOME": str(self.home),
-                    "NMOE_OUTPUT_DIR": str(self.workdir / "server-out")}
+                    "NMOE_OUTPUT_DIR": str(self.workdir / "server-out"), **(extra_env or {})}
         self.port = 0
         self.superlink: _Child | None = None
         self.nodes: dict[int, _Child] = {}
@@ -264,12 +274,14 @@ def deploy(
     node_configs: list[str] | None = None,
     timeout: float = 1800.0,
     during: Callable[[LoopbackDeployment], None] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     """Run ``run_config`` on a loopback deployment; return status, results and timings.
 
     ``during``, if given, is called in a thread with the deployment once
     ``flwr run`` has started (the tests kill and restart SuperNodes from it);
-    its exception, if any, is re-raised after the run.
+    its exception, if any, is re-raised after the run. ``extra_env`` goes to
+    every process of the deployment.
     """
     merged = merged_run_config(run_config, overrides)
     validated_run_config(app.resolve(), merged)  # raises ConfigError naming the key, before any process starts
@@ -279,7 +291,7 @@ def deploy(
     run_name = str(merged.get("run-name", ""))
     t_start = time.perf_counter()
     failure: list[BaseException] = []
-    with LoopbackDeployment(app, workdir, num_nodes, node_configs) as deployment:
+    with LoopbackDeployment(app, workdir, num_nodes, node_configs, extra_env) as deployment:
         worker = None
         if during is not None:
             def _during() -> None:

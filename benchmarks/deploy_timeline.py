@@ -7,9 +7,10 @@ Measured in one run, on one machine, for one preset (``configs/deploy-smoke.toml
    SuperNodes, TLS, authentication): the same, plus every FedCE message's
    timeline from the clients' ``timeline.jsonl`` (:mod:`nmoe_flwr.timeline`):
    server creates the message -> ClientApp process starts (SuperNode pull
-   and SuperExec spawn) -> imports done -> handler starts (Flower's set-up
-   in the process) -> handler ends (our work) -> the next round's messages
-   are created (reply push, SuperLink, ServerApp pull, aggregation, and the
+   and SuperExec spawn) -> this package starts importing (Flower's start-up
+   in the process: Python, flwr, pull, FAB install) -> imports done (torch,
+   the app) -> handler ends (our work) -> the next round's messages are
+   created (reply push, SuperLink, ServerApp pull, aggregation, and the
    wait for the slowest node);
 3. optionally the deployment again with each variant of ``--env`` (e.g.
    ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1``, Flower's SuperExec poll).
@@ -38,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FEDCE = "train.fedce"
 SEGMENTS = {
-    "pull + spawn (created -> process start)": ("created", "process-start"),
-    "Python + imports": ("process-start", "imported"),
-    "Flower set-up in the ClientApp": ("imported", "handler-start"),
-    "our handler (data + training)": ("handler-start", "handler-end"),
+    "SuperNode pull + spawn": ("created", "process-start"),
+    "Flower start-up in the process (Python, flwr, pull, FAB)": ("process-start", "package-import"),
+    "our imports (torch, app)": ("package-import", "imported"),
+    "our handler (data + training)": ("imported", "handler-end"),
 }
 REPLY = "reply -> next round sent (push, pull, aggregation, slowest node)"
 

@@ -10,4 +10,10 @@ Flower), ``data/``, ``pipelines/`` (the server's side), ``strategies/``
 README.md's "Architecture" section walks one run through them.
 """
 
+import time as _time
+
 __version__ = "0.1.0"
+
+#: When this package started importing: in a ClientApp process, the end of Flower's own start-up
+#: (connect, pull the task, install the FAB) and the start of ours (``timeline``, issue 13).
+IMPORT_STARTED_AT = _time.time()

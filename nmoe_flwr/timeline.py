@@ -6,15 +6,17 @@ records, per message, wall-clock times (``time.time()``, seconds) of
 
 - ``created``: the server created the message (its metadata);
 - ``process-start``: this ClientApp process started (``/proc``, Linux);
-- ``imported``: the app's modules (torch, flwr, this package) were imported;
+- ``package-import``: this package started importing, i.e. Flower's own
+  start-up in the process (Python, flwr, connect, pull the message, install
+  the FAB) is over;
+- ``imported``: our imports (torch, the app's modules) are done;
 - ``handler-start`` / ``handler-end``: our handler ran;
 
 and appends them as one JSON line to ``timeline.jsonl`` in the client's
-folder (:class:`~nmoe_flwr.client_state.ClientStore`). The gaps are the
-SuperNode's pull and the process spawn (``created`` -> ``process-start``),
-Python and imports, Flower's own set-up in the process (``imported`` ->
-``handler-start``: connect, pull the message and the app) and our work;
-``benchmarks/deploy_timeline.py`` puts them next to the round times.
+folder (:class:`~nmoe_flwr.client_state.ClientStore`). Flower starts one
+process per message on the deployment engine; in simulation the process is
+a long-lived Ray actor and only the handler's times mean anything.
+``benchmarks/deploy_timeline.py`` puts the gaps next to the round times.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.supercore import log
 
+from . import IMPORT_STARTED_AT
 from .client_state import ClientEnv
 from .constants import CONFIG, SERVER_ROUND
 
@@ -36,7 +39,7 @@ from .constants import CONFIG, SERVER_ROUND
 IMPORTED_AT = time.time()
 
 TIMELINE_FILE = "timeline.jsonl"
-STAGES = ("created", "process-start", "imported", "handler-start", "handler-end")
+STAGES = ("created", "process-start", "package-import", "imported", "handler-start", "handler-end")
 
 
 def process_started_at(pid: int | str = "self") -> float | None:
@@ -62,6 +65,7 @@ def timeline_mod(msg: Message, context: Context, call_next) -> Message:
             "round": int(config[SERVER_ROUND]) if SERVER_ROUND in config else None,
             "created": msg.metadata.created_at,
             "process-start": process_started_at(),
+            "package-import": IMPORT_STARTED_AT,
             "imported": IMPORTED_AT,
             "handler-start": start,
             "handler-end": end,

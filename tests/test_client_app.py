@@ -144,6 +144,6 @@ def test_every_handler_leaves_a_timeline_line(run_config):
     lines = read_timeline(ClientEnv.of(ctx).store.folder / TIMELINE_FILE)
     assert [line["message-type"] for line in lines] == ["query.info", "query.info"]
     line = lines[-1]
-    assert line["process-start"] <= line["imported"] <= line["handler-start"] <= line["handler-end"]
+    assert line["process-start"] <= line["package-import"] <= line["imported"] <= line["handler-start"] <= line["handler-end"]
     assert line["created"] <= line["handler-start"]
     assert all(v >= 0 for k, v in gaps(line).items() if k != "created -> process-start")

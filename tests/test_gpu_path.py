@@ -9,7 +9,13 @@ import torch
 
 from nmoe_flwr.algorithms import training
 from nmoe_flwr.algorithms.fedce import new_classifier
-from nmoe_flwr.algorithms.training import Runtime, ce_loss, fit, make_optimizers, resolve_runtime
+from nmoe_flwr.algorithms.training import (
+    Runtime,
+    ce_loss,
+    fit,
+    make_optimizers,
+    resolve_runtime,
+)
 from nmoe_flwr.data import dataset_spec
 from nmoe_flwr.records import from_record, to_record
 

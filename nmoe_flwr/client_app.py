@@ -213,7 +213,7 @@ def _ssl_images(split: ClientSplits) -> torch.Tensor:
 @app.query(_name(MSG_CORRELATION))
 def fedsc_correlation(msg: Message, context: Context) -> Message:
     """FedSC phase 1: this client's correlation matrix under the global weights,
-    with Gaussian noise (``noise-multiplier`` x sensitivity ``2 mu / n``)."""
+    with Gaussian noise (``noise-multiplier`` x sensitivity ``sqrt(2) mu / n``)."""
     env = ClientEnv.of(context)
     split = env.splits()
     x = _ssl_images(split)

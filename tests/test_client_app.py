@@ -1,6 +1,8 @@
 """ClientApp handlers called directly (no Flower runtime): node-config checks,
 and one FedCE round + NMoE stages on a tiny synthetic data set."""
 
+import math
+
 import pytest
 import torch
 from conftest import write_learnable_fmnist
@@ -120,7 +122,7 @@ def test_correlation_handler_adds_noise_of_the_expected_std(run_config):
 
     clean, m0 = matrix(0.0)
     noisy, m1 = matrix(3.0)
-    expected = 3.0 * 2 * 4.0 / 40  # z * 2 mu / n with n = 40 training samples
+    expected = 3.0 * math.sqrt(2) * 4.0 / 40  # z * sqrt(2) mu / n with n = 40 training samples
     assert m0["noise-std"] == 0.0 and m1["noise-std"] == pytest.approx(expected)
     assert m1["num-examples"] == 40
     assert (noisy - clean).std().item() == pytest.approx(expected, rel=0.05)  # 4096 entries

@@ -71,7 +71,7 @@ def test_alpha_schedule_is_linear_from_start_to_end():
 def test_noise_has_the_expected_standard_deviation():
     mech = GaussianMechanism(noise_multiplier=2.0, delta=1e-5)
     std = mech.noise_std(mu=4.0, num_samples=1000)
-    assert std == pytest.approx(2.0 * 2 * 4.0 / 1000) and correlation_sensitivity(4.0, 1000) == 0.008
+    assert std == pytest.approx(2.0 * math.sqrt(2) * 4.0 / 1000) and correlation_sensitivity(4.0, 1000) == pytest.approx(0.004 * math.sqrt(2))
     r = correlation(torch.randn(1000, 128, generator=torch.Generator().manual_seed(0)))
     noisy = privatize(r, std, torch.Generator().manual_seed(1))
     measured = (noisy - r).std().item()
@@ -147,3 +147,21 @@ def test_strategy_sends_each_node_the_others_weighted_matrix(stale):
             old = {1: 1.0, 2: 3.0, 3: 9.0}[absent]
             w_other, w_absent = grid.sizes[other], grid.sizes[absent]
             assert value == pytest.approx((w_other * fresh + w_absent * old) / (w_other + w_absent))
+
+
+def test_correlation_sensitivity_is_a_tight_bound():
+    """Replacing one clipped sample moves R by at most sqrt(2) mu / n, and orthogonal samples reach it."""
+    mu, n, d = 4.0, 50, 6
+    g = torch.Generator().manual_seed(0)
+    bound = correlation_sensitivity(mu, n)
+    base = clip_norm(torch.randn(n, d, generator=g, dtype=torch.float64), mu)
+    worst = 0.0
+    for _ in range(200):
+        other = base.clone()
+        other[0] = clip_norm(torch.randn(1, d, generator=g, dtype=torch.float64) * 5, mu)[0]
+        worst = max(worst, torch.linalg.norm(correlation(other) - correlation(base)).item())
+    assert worst <= bound + 1e-12
+    a = torch.zeros(n, d, dtype=torch.float64)
+    b = a.clone()
+    a[0, 0] = b[0, 1] = math.sqrt(mu)  # orthogonal, on the clipping sphere
+    assert torch.linalg.norm(correlation(a) - correlation(b)).item() == pytest.approx(bound, rel=1e-12)

@@ -2,9 +2,14 @@
 
 Each round a client releases ``R_i = (1 / (P n)) sum_{p, x} z_{p,x} z_{p,x}^T``
 over ``P`` augmented passes of its ``n`` samples, with every ``z`` clipped to
-norm ``sqrt(mu)`` (:func:`nmoe_flwr.ssl.clip_norm`). One sample contributes
-at most ``mu / n`` in Frobenius norm, so replacing it moves ``R_i`` by at most
-``2 mu / n``: the L2 sensitivity of the release. The Gaussian mechanism adds
+norm ``sqrt(mu)`` (:func:`nmoe_flwr.algorithms.fedsc.clip_norm`). Replacing one
+sample ``x`` by ``x'`` changes each of its ``P`` terms by
+``(z z^T - z' z'^T) / (P n)``, and ``||z z^T - z' z'^T||_F^2 = |z|^4 + |z'|^4
+- 2 (z . z')^2 <= 2 mu^2``, so ``R_i`` moves by at most ``sqrt(2) mu / n``
+(reached by orthogonal ``z``, ``z'`` on the clipping sphere): the L2
+sensitivity of the release. The triangle inequality gives ``2 mu / n``, which
+over-states it by ``sqrt(2)`` and so adds ``sqrt(2)`` times more noise than the
+budget needs (our earlier versions did; issue 11). The Gaussian mechanism adds
 i.i.d. ``N(0, (z * sensitivity)^2)`` to every entry; the noise multiplier
 ``z`` for a target ``(epsilon, delta)`` over all planned releases, and the
 epsilon actually spent, come from opacus' RDP accountant (full
@@ -24,8 +29,8 @@ from torch import Tensor
 
 
 def correlation_sensitivity(mu: float, num_samples: int) -> float:
-    """L2 (Frobenius) sensitivity ``2 mu / n`` of a clipped correlation matrix."""
-    return 2.0 * mu / num_samples
+    """L2 (Frobenius) sensitivity ``sqrt(2) mu / n`` of a clipped correlation matrix (tight)."""
+    return math.sqrt(2.0) * mu / num_samples
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .algorithms.probes import knn_metrics
 from .algorithms.routing import class_owners, oracle_predictions, routing_diagnostics
 from .algorithms.seeding import derive_seed, generator
 from .algorithms.training import DeviceData, FitStats, classification_metrics, evaluate
-from .client_state import ClientEnv, load_partial, split_partial
+from .client_state import ClientEnv, load_partial, received_state, split_partial
 from .constants import (
     ALPHA,
     ARRAYS,
@@ -90,6 +90,7 @@ from .inference.evaluation import nmoe_metrics
 from .records import (
     bank_from_record,
     from_record,
+    is_packed,
     state_subset,
     strip_prefix,
     to_record,
@@ -176,7 +177,8 @@ def train_fedce(msg: Message, context: Context) -> Message:
         epochs=env.cfg.fedce_local_epochs, lr=fedce.fedce_round_lr(env.cfg.lr, rnd, num_rounds),
         seed=env.seed("fedce", rnd), logit_adjust=env.cfg.fedce_logit_adjust,
     )
-    return _reply(msg, _fit_metrics(stats), split_partial(model, _prefixes(msg), context, LOCAL_FEDCE, env.store))
+    shared = split_partial(model, _prefixes(msg), context, LOCAL_FEDCE, env.store, is_packed(msg.content[ARRAYS]))
+    return _reply(msg, _fit_metrics(stats), shared)
 
 
 @app.evaluate(_name(MSG_EVAL_CLASSIFIER))
@@ -264,7 +266,7 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     split = env.splits()
     rt = env.runtime
     model = _classifier(env, split)
-    model.load_state_dict({**model.state_dict(), **state_subset(from_record(msg.content[ARRAYS]), [EXTRACTOR_PREFIX])})
+    model.load_state_dict({**model.state_dict(), **state_subset(received_state(model, msg.content[ARRAYS]), [EXTRACTOR_PREFIX])})
     model = rt.prepare(model)
     metrics = knn_metrics(
         _latents_of(env, model.extractor, split.train.images), split.train.labels.to(rt.device),
@@ -441,7 +443,7 @@ def train_gate(msg: Message, context: Context) -> Message:
             top1 = g(latents).argmax(1)
         diag = routing_diagnostics(top1, labels, env.partition_id, owners, split.train.num_classes)
         metrics |= {TRAIN_PREFIX + k: v for k, v in diag.items()}
-    return _reply(msg, metrics, split_partial(g, _prefixes(msg), context, LOCAL_GATE, env.store))
+    return _reply(msg, metrics, split_partial(g, _prefixes(msg), context, LOCAL_GATE, env.store, is_packed(msg.content[ARRAYS])))
 
 
 def _owners(env: ClientEnv, num_classes: int) -> dict[int, list[int]] | None:

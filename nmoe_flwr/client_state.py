@@ -35,7 +35,7 @@ from .constants import (
 from .data import ClientSplits, ImageSet, all_client_splits, pixel_stats_for
 from .data.registry import PixelStats
 from .inference.checkpoint import client_checkpoint_dir
-from .records import from_record, state_subset, to_record
+from .records import from_record, is_packed, pack, state_subset, to_record, unpack
 from .workspace import cache_dir, client_dir, run_dir
 
 
@@ -226,6 +226,13 @@ class ClientEnv:
         return derive_seed(self.cfg.seed, self.partition_id, *parts)
 
 
+def received_state(model: nn.Module, record: ArrayRecord) -> dict[str, Tensor]:
+    """The entries the server sent, as ``model``'s named tensors (unpacked if it packed them,
+    :func:`~nmoe_flwr.records.pack`)."""
+    state = from_record(record)
+    return unpack(state, model.state_dict()) if is_packed(state) else state
+
+
 def load_partial(
     model: nn.Module,
     shared: ArrayRecord,
@@ -243,7 +250,7 @@ def load_partial(
     ValueError
         If the server sent entries the model does not have.
     """
-    received = from_record(shared)
+    received = received_state(model, shared)
     local: dict[str, Tensor] = {}
     if context is not None and state_key in context.state:
         local = from_record(context.state[state_key])
@@ -256,14 +263,20 @@ def load_partial(
 
 
 def split_partial(
-    model: nn.Module, prefixes: Sequence[str], context: Context, state_key: str, store: ClientStore | None = None
+    model: nn.Module,
+    prefixes: Sequence[str],
+    context: Context,
+    state_key: str,
+    store: ClientStore | None = None,
+    packed: bool = False,
 ) -> ArrayRecord:
     """Keep the entries outside ``prefixes`` in ``context.state`` (and in ``store``,
-    if given, so they survive the node); return the shared ones."""
+    if given, so they survive the node); return the shared ones (packed, as the
+    server sent them, if ``packed``)."""
     state = model.state_dict()
     shared = state_subset(state, prefixes)
     local = {k: v for k, v in state.items() if k not in shared}
     context.state[state_key] = to_record(local)
     if store is not None and local:
         store.save_local(state_key, context.run_id, local)
-    return to_record(shared)
+    return to_record(pack(shared) if packed else shared)

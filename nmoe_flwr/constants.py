@@ -83,6 +83,7 @@ GATE_DECISION_PREFIX = "decision."  # Gate: decision layer (FedGate keeps it loc
 MOE_GATE_PREFIX = "gate."  # GlobalMoE: the gate (averaged over all clients)
 MOE_EXPERTS_PREFIX = "experts."  # GlobalMoE: "experts.<j>." is expert j
 BANK_KEY_SEPARATOR = "/"  # expert-bank ArrayRecord keys: "<expert id>/<parameter>"
+PACKED_MARK = "@"  # "<prefix>.@<kind>": a packed group of a state dict (records.pack)
 
 
 def moe_expert_prefix(j: int) -> str:

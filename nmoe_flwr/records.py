@@ -1,16 +1,17 @@
 """The one place that turns torch state dicts into Flower records and back,
-and picks the entries of a state dict by parameter-name prefix."""
+packs them for the wire, and picks the entries of a state dict by
+parameter-name prefix."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from .constants import BANK_KEY_SEPARATOR
+from .constants import BANK_KEY_SEPARATOR, PACKED_MARK
 
 V = TypeVar("V")
 
@@ -30,6 +31,66 @@ def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, Tensor]:
     """State dict (CPU tensors) of an ArrayRecord."""
     return dict(record.to_torch_state_dict()) if len(record) else {}
+
+
+def packed_group(name: str, value: Tensor) -> str:
+    """The packed entry ``"<first name component>.@<kind>"`` that entry ``name`` goes to.
+
+    Kinds keep apart what aggregation treats apart: ``weights`` (float),
+    ``running_stats`` (BatchNorm statistics: averaged, no server momentum,
+    :func:`~nmoe_flwr.algorithms.server_momentum.takes_momentum`) and
+    ``counters`` (integers, cast back after averaging). The group keeps the
+    name's first component, so prefix selection (``"extractor."``,
+    ``"shared."``) works on packed records as on plain ones.
+    """
+    kind = "counters" if not value.is_floating_point() else "running_stats" if "running_" in name else "weights"
+    return f"{name.split('.', 1)[0]}.{PACKED_MARK}{kind}"
+
+
+def pack(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate a state dict into one flat tensor per :func:`packed_group`, in the dict's order.
+
+    Why: Flower moves every array of a message as its own object, one request
+    each, between SuperLink, SuperNode and ClientApp process; a ResNet20 has
+    about a hundred. On the deployment engine that cost ~15 s per message on
+    loopback (``benchmarks/deploy_timeline.py``, README "Performance"); packed
+    it is a handful. Averaging is element-wise, so FedAvg of packed records
+    equals FedAvg of plain ones, bit for bit.
+    """
+    groups: dict[str, list[Tensor]] = {}
+    for name, value in state.items():
+        groups.setdefault(packed_group(name, value), []).append(value.detach().reshape(-1))
+    return {group: torch.cat(parts) for group, parts in groups.items()}
+
+
+def is_packed(keys: Iterable[str]) -> bool:
+    """Whether record keys are packed groups (:func:`pack`)."""
+    return any(PACKED_MARK in k for k in keys)
+
+
+def unpack(packed: Mapping[str, Tensor], template: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`pack`: the entries of ``template`` (names, order, shapes, dtypes) whose group is in ``packed``.
+
+    Raises
+    ------
+    ValueError
+        A packed group whose length is not what the template's entries need.
+    """
+    used = dict.fromkeys(packed, 0)
+    out = {}
+    for name, ref in template.items():
+        group = packed_group(name, ref)
+        if group not in packed:
+            continue
+        start, n = used[group], ref.numel()
+        if start + n > packed[group].numel():
+            raise ValueError(f"packed entry {group!r} has {packed[group].numel()} values; the model needs more")
+        out[name] = packed[group][start : start + n].reshape(ref.shape).to(ref.dtype)
+        used[group] = start + n
+    short = {g: (packed[g].numel(), n) for g, n in used.items() if n != packed[g].numel()}
+    if short:
+        raise ValueError(f"packed entries do not fit the model (values sent, values needed): {short}")
+    return out
 
 
 def bank_to_record(bank: Mapping[int, Mapping[str, Tensor]]) -> ArrayRecord:

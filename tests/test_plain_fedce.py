@@ -28,7 +28,7 @@ from nmoe_flwr.constants import (
 )
 from nmoe_flwr.data import all_client_splits, dataset_spec
 from nmoe_flwr.pipelines.messaging import weights_message
-from nmoe_flwr.records import from_record, to_record
+from nmoe_flwr.records import from_record, pack, to_record, unpack
 from nmoe_flwr.strategies import PartialFedAvg
 from nmoe_flwr.workspace import cache_dir
 
@@ -43,7 +43,8 @@ def run_config(tiny_run_config):
 
 
 def _flower_path(run_config):
-    """Stage 1 as the ServerApp runs it (Federation.partial_fedavg), then the FedCE classifier evaluation."""
+    """Stage 1 as the ServerApp runs it (PartialFedAvg on packed weights, as Federation.partial_fedavg),
+    then the FedCE classifier evaluation."""
     cfg = parse_run_config(run_config)
     grid = InProcessGrid(client_app.app, run_config, num_nodes=cfg.num_clients)
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
@@ -54,8 +55,8 @@ def _flower_path(run_config):
         min_train_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
         server_momentum=cfg.fedce_server_momentum,
     )
-    result = strategy.start(
-        grid=grid, initial_arrays=to_record(init.state_dict()), num_rounds=cfg.fedce_rounds,
+    result = strategy.start(  # packed on the wire, as Federation.partial_fedavg sends it
+        grid=grid, initial_arrays=to_record(pack(init.state_dict())), num_rounds=cfg.fedce_rounds,
         timeout=cfg.round_timeout, train_config=ConfigRecord({NUM_ROUNDS: cfg.fedce_rounds}),
     )
     assert sorted(result.train_metrics_clientapp) == list(range(1, cfg.fedce_rounds + 1))
@@ -64,7 +65,7 @@ def _flower_path(run_config):
         for node in grid.get_node_ids()
     ])
     per_client = {int(r.content[METRICS][PARTITION_ID]): dict(r.content[METRICS]) for r in replies}
-    return from_record(result.arrays), per_client, grid
+    return unpack(from_record(result.arrays), init.state_dict()), per_client, grid
 
 
 @pytest.mark.parametrize(("average_head", "momentum"), [(True, 0.0), (False, 0.0), (True, 0.7)])

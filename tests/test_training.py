@@ -116,3 +116,64 @@ def test_torch_threads_sets_and_restores_the_count():
     with pytest.raises(RuntimeError), torch_threads(other):
         raise RuntimeError("restored on errors too")
     assert torch.get_num_threads() == before
+
+
+def test_packed_records_round_trip_and_average_like_plain_ones():
+    """records.pack: a few flat arrays per message instead of one per tensor (issue 13.1), with
+    FedAvg on packed records equal, bit for bit, to FedAvg on plain ones."""
+    import numpy as np
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from nmoe_flwr.algorithms.fedce import new_classifier
+    from nmoe_flwr.data import dataset_spec
+    from nmoe_flwr.records import is_packed, pack, unpack
+
+    stats = dataset_spec("fashion-mnist").pixel_stats
+    states = []
+    for seed in range(3):
+        model = new_classifier(stats, 10, 16, seed=seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        state = model.state_dict()
+        state["extractor.bn1.num_batches_tracked"] = torch.tensor(seed + 1)
+        states.append(state)
+    packed = pack(states[0])
+    assert is_packed(packed) and not is_packed(states[0])
+    assert sorted(packed) == ["extractor.@counters", "extractor.@running_stats", "extractor.@weights",
+                              "head.@weights"]
+    back = unpack(packed, states[1])  # any state of the same model is a template
+    assert list(back) == list(states[0])
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in states[0].items())
+
+    def objects(state):
+        return len(get_all_nested_objects(RecordDict({"arrays": to_record(state), "config": ConfigRecord()})))
+
+    assert objects(packed) <= 12 and 5 * objects(packed) < objects(states[0])  # 207 vs 11 for a trained one
+
+    def fedavg(records):
+        replies = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})})
+                   for r, n in zip(records, (10, 30, 7), strict=True)]
+        return {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in aggregate_arrayrecords(replies, "num-examples").items()}
+
+    # Averages come back float (int64 counters too); the strategies cast them to the sent dtypes (cast_like).
+    plain = {k: v.to(states[0][k].dtype) for k, v in fedavg([to_record(s) for s in states]).items()}
+    averaged = {g: v.to(packed[g].dtype) for g, v in fedavg([to_record(pack(s)) for s in states]).items()}
+    via_packed = unpack(averaged, states[0])
+    assert list(via_packed) == list(plain)
+    for k in plain:
+        assert via_packed[k].dtype == plain[k].dtype and torch.equal(via_packed[k], plain[k]), k
+
+
+def test_unpack_refuses_what_does_not_fit_the_model():
+    from nmoe_flwr.records import pack, unpack
+
+    model = MLP(4, 8, 3)
+    packed = pack(model.state_dict())
+    short = {k: v[:-1] for k, v in packed.items()}
+    with pytest.raises(ValueError, match="has 210 values; the model needs more"):
+        unpack(short, model.state_dict())
+    with pytest.raises(ValueError, match="do not fit"):
+        unpack({**packed, "extra.@weights": torch.zeros(3)}, model.state_dict())

@@ -25,7 +25,7 @@ from ..constants import (
     PARTITION_ID,
     ROUND_OFFSET,
 )
-from ..records import from_record, to_record
+from ..records import from_record, pack, to_record, unpack
 from ..strategies import PartialFedAvg, split_shared
 from ..strategies.nodes import wait_for_nodes
 from ..strategies.validation import origin
@@ -74,8 +74,9 @@ def send_to_all(
 
 
 def weights_message(arrays: ArrayRecord) -> RecordDict:
-    """Content of a message that carries model weights and an empty config."""
-    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord()})
+    """Content of a message that carries model weights (packed, :func:`~nmoe_flwr.records.pack`:
+    a few arrays instead of one per tensor) and an empty config."""
+    return RecordDict({ARRAYS: to_record(pack(from_record(arrays))), CONFIG: ConfigRecord()})
 
 
 def metrics_of(replies: Mapping[int, RecordDict]) -> dict[int, dict[str, float]]:
@@ -202,11 +203,13 @@ class Federation:
         offset = int(saved["round"]) if saved else 0
         rounds: dict[int, dict[str, float]] = dict(saved["rounds"]) if saved else {}
         missing: dict[int, dict[int, str]] = dict(saved["missing"]) if saved else {}
-        arrays = to_record({**initial, **saved["arrays"]}) if saved else to_record(initial)
+        state = {**initial, **saved["arrays"]} if saved else dict(initial)
         if offset:
             log(INFO, "%s: resuming after round %d of %d", message_type, offset, num_rounds)
         if offset >= num_rounds:
-            return split_shared(arrays, prefixes)[0], rounds, missing  # finished before the crash
+            return split_shared(to_record(state), prefixes)[0], rounds, missing  # finished before the crash
+        # On the wire the weights travel packed (a few arrays, not one per tensor); checkpoints and the result are plain.
+        arrays = to_record(pack(state))
         strategy = PartialFedAvg(
             prefixes,
             train_message_type=message_type,
@@ -232,7 +235,8 @@ class Federation:
                 missing[r] = lost
             if checkpoint is not None:
                 velocity = None if strategy.velocity is None else {k: torch.from_numpy(v) for k, v in strategy.velocity.items()}
-                checkpoint.save(round=r, arrays=from_record(current), rounds=rounds, missing=missing, velocity=velocity)
+                checkpoint.save(round=r, arrays=unpack(from_record(current), state), rounds=rounds, missing=missing,
+                                velocity=velocity)
 
         result = strategy.start(
             grid=self.grid,
@@ -243,4 +247,4 @@ class Federation:
             evaluate_fn=after_round,
         )
         rounds_of(result, num_rounds - offset, message_type)  # raises if a round was not aggregated
-        return result.arrays, rounds, missing
+        return to_record(unpack(from_record(result.arrays), state)), rounds, missing

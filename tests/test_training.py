@@ -163,8 +163,8 @@ def test_packed_records_round_trip_and_average_like_plain_ones():
     averaged = {g: v.to(packed[g].dtype) for g, v in fedavg([to_record(pack(s)) for s in states]).items()}
     via_packed = unpack(averaged, states[0])
     assert list(via_packed) == list(plain)
-    for k in plain:
-        assert via_packed[k].dtype == plain[k].dtype and torch.equal(via_packed[k], plain[k]), k
+    for k, v in plain.items():
+        assert via_packed[k].dtype == v.dtype and torch.equal(via_packed[k], v), k
 
 
 def test_unpack_refuses_what_does_not_fit_the_model():

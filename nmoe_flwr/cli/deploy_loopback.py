@@ -209,11 +209,15 @@ class LoopbackDeployment:
             self.superlink.stop()
 
     def _start_node(self, i: int) -> _Child:
+        # The SuperNodes stand for separate devices but share this machine's cores: give each its share of
+        # torch threads (a client uses all cores by default, and 3 x 2 threads on 2 cores thrash).
+        threads = str(max(1, (os.cpu_count() or 1) // self.num_nodes))
+        env = {"OMP_NUM_THREADS": threads, **self.env}
         return _Child([
             "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(self._keys[i]),
             "--port", str(free_port()), "--node-config", self.node_configs[i],
-        ], self.env, self.workdir / f"supernode-{i}.log")
+        ], env, self.workdir / f"supernode-{i}.log")
 
     def kill_node(self, i: int) -> _Child:
         """``kill -9`` SuperNode ``i`` (only that process, as a power loss would) and reap it; return it.

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nmoe_flwr.data.augment import two_views  # noqa: E402
-from nmoe_flwr.data.registry import PixelStats  # noqa: E402
-from nmoe_flwr.algorithms.fedsc import SSLModel, spectral_loss  # noqa: E402
+from nmoe_flwr.algorithms.fedsc import SSLModel, spectral_loss
+from nmoe_flwr.data.augment import two_views
+from nmoe_flwr.data.registry import PixelStats
 
 
 def _sync(device: torch.device) -> None:
@@ -63,7 +63,7 @@ def main() -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         views = two_views(x, g)
 
-        def train_step() -> None:
+        def train_step(model=model, views=views, opt=opt) -> None:  # bound now: called within this iteration
             z0 = model(views[0].contiguous(memory_format=torch.channels_last))
             z1 = model(views[1].contiguous(memory_format=torch.channels_last))
             loss = spectral_loss(z0, z1, 1.0, None, 4.0)

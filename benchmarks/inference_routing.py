@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nmoe_flwr.inference.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
-from nmoe_flwr.data.registry import PixelStats  # noqa: E402
-from nmoe_flwr.inference.router import GrpcTransport, InProcessTransport, Router  # noqa: E402
-from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20  # noqa: E402
+from nmoe_flwr.algorithms.models import MLP, Gate, ResNet20
+from nmoe_flwr.data.registry import PixelStats
+from nmoe_flwr.inference.checkpoint import load_checkpoint, write_checkpoint
+from nmoe_flwr.inference.router import GrpcTransport, InProcessTransport, Router
 
 
 def random_checkpoints(folder: Path, n: int, channels: int = 1) -> list[Path]:

@@ -35,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nmoe_flwr.cli.run import launch  # noqa: E402
-from nmoe_flwr.data.registry import PixelStats  # noqa: E402
-from nmoe_flwr.algorithms.models import Classifier  # noqa: E402
+from nmoe_flwr.algorithms.models import Classifier
+from nmoe_flwr.cli.run import launch
+from nmoe_flwr.data.registry import PixelStats
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nmoe_flwr.algorithms.experts import compute_latents  # noqa: E402
-from nmoe_flwr.algorithms.fedsc import new_ssl_model, train_fedsc  # noqa: E402
-from nmoe_flwr.algorithms.probes import knn_metrics  # noqa: E402
-from nmoe_flwr.algorithms.training import resolve_runtime  # noqa: E402
-from nmoe_flwr.config import parse_run_config  # noqa: E402
-from nmoe_flwr.data import dataset_spec, load_split, resolve_data_dir  # noqa: E402
+from nmoe_flwr.algorithms.experts import compute_latents
+from nmoe_flwr.algorithms.fedsc import new_ssl_model, train_fedsc
+from nmoe_flwr.algorithms.probes import knn_metrics
+from nmoe_flwr.algorithms.training import resolve_runtime
+from nmoe_flwr.config import parse_run_config
+from nmoe_flwr.data import dataset_spec, load_split, resolve_data_dir
 
 
 def main() -> int:

@@ -71,7 +71,7 @@ def main() -> int:
             loss.backward()
             opt.step()
 
-        t_aug = timed(lambda: two_views(x, g), device, args.repeats)
+        t_aug = timed(lambda x=x, g=g: two_views(x, g), device, args.repeats)
         t_train = timed(train_step, device, args.repeats)
         rows.append({
             "input": f"{channels}x{size}x{size}", "batch": args.batch, "device": str(device),

@@ -95,6 +95,24 @@ def test_two_views_are_batched_float_and_differ():
     assert 0.0 <= v0.min() and v0.max() <= 255.0
 
 
+def test_intensity_jitter_by_hand():
+    """Brightness b then contrast c around the image mean: (b x - mean(b x)) c + mean(b x), clamped."""
+    from nmoe_flwr.data.augment import intensity_jitter
+
+    x = torch.tensor([[[[10.0, 30.0], [50.0, 250.0]]]])
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(1, 3, generator=torch.Generator().manual_seed(0))
+    b, c = 1 + 0.4 * (2 * u[0, 0] - 1), 1 + 0.4 * (2 * u[0, 1] - 1)
+    assert u[0, 2] < 0.8  # this draw jitters
+    bx = x * b
+    expected = ((bx - bx.mean()) * c + bx.mean()).clamp(0, 255)
+    torch.testing.assert_close(intensity_jitter(x, g), expected)
+    gray = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    plain = two_views(gray, torch.Generator().manual_seed(1))
+    jittered = two_views(gray, torch.Generator().manual_seed(1), gray_jitter=True)
+    assert not torch.equal(plain[0], jittered[0]) and 0 <= jittered[0].min() and jittered[0].max() <= 255
+
+
 class _FakeGrid:
     """Answers FedSC's correlation queries like clients would (fixed matrices)."""
 

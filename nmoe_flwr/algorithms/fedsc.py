@@ -105,7 +105,7 @@ def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runti
     acc = torch.zeros(d, d, device=runtime.device, dtype=torch.float64)
     for _ in range(cfg.fedsc_corr_passes):
         for start in range(0, x.shape[0], cfg.fedsc_batch_size * 2):
-            view = ssl_view(x[start : start + cfg.fedsc_batch_size * 2], g)
+            view = ssl_view(x[start : start + cfg.fedsc_batch_size * 2], g, cfg.fedsc_gray_jitter)
             with runtime.autocast():
                 z = model(runtime.inputs(view)).float()
             z = clip_norm(z, cfg.fedsc_mu).double()
@@ -130,7 +130,7 @@ def train_fedsc(
     g = generator(derive_seed(seed, "views"), runtime.device)
 
     def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        v0, v1 = two_views(batch[0], g)
+        v0, v1 = two_views(batch[0], g, cfg.fedsc_gray_jitter)
         z0, z1 = m(runtime.inputs(v0)), m(runtime.inputs(v1))
         return spectral_loss(z0, z1, alpha, r_ext, cfg.fedsc_mu), torch.zeros((), device=v0.device)
 

@@ -127,18 +127,35 @@ def color_jitter_grayscale(
     return x.clamp(0, 255)
 
 
-def ssl_view(x: Tensor, generator: torch.Generator) -> Tensor:
+def intensity_jitter(x: Tensor, generator: torch.Generator, strength: float = 0.4, p_jitter: float = 0.8) -> Tensor:
+    """Brightness and contrast jitter of 1-channel images: SimCLR's colour jitter without hue or
+    saturation (each factor in ``[1 - strength, 1 + strength]``, applied with probability
+    ``p_jitter``, per sample). ``(B, 1, H, W)`` float in [0, 255] -> same, clamped."""
+    b, dev = x.shape[0], x.device
+    u = torch.rand(b, 3, device=dev, generator=generator)
+    apply = (u[:, 2] < p_jitter).float()
+    bright, contrast = (1 + apply * strength * (2 * u[:, i] - 1) for i in range(2))
+    x = x * bright.view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast.view(b, 1, 1, 1) + mean).clamp(0, 255)
+
+
+def ssl_view(x: Tensor, generator: torch.Generator, gray_jitter: bool = False) -> Tensor:
     """One self-supervised view of a batch: random resized crop and flip, plus
-    colour jitter and grayscale for 3-channel input (float32 in [0, 255])."""
+    colour jitter and grayscale for 3-channel input, and brightness/contrast
+    jitter for 1-channel input if ``gray_jitter`` (float32 in [0, 255])."""
     v = random_resized_crop_flip(x, generator)
-    return color_jitter_grayscale(v, generator) if x.shape[1] == 3 else v
+    if x.shape[1] == 3:
+        return color_jitter_grayscale(v, generator)
+    return intensity_jitter(v, generator) if gray_jitter else v
 
 
-def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def two_views(x: Tensor, generator: torch.Generator, gray_jitter: bool = False) -> tuple[Tensor, Tensor]:
     """Two independently augmented views of a batch (FedSC / SimCLR).
 
     Crop + flip always; colour jitter and grayscale only for 3-channel
-    input, where colour is information the views should not rely on.
+    input, where colour is information the views should not rely on;
+    brightness/contrast jitter for 1-channel input with ``gray_jitter``.
 
     Parameters
     ----------
@@ -152,4 +169,4 @@ def two_views(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     tuple of Tensor
         Two ``(B, C, H, W)`` float32 batches in [0, 255].
     """
-    return ssl_view(x, generator), ssl_view(x, generator)
+    return ssl_view(x, generator, gray_jitter), ssl_view(x, generator, gray_jitter)

@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and augmentation seed")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values), e.g. fedsc-gray-jitter=true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,7 +47,7 @@ def main() -> int:
     x, y = train.images[: args.samples].to(rt.device), train.labels[: args.samples].to(rt.device)
     held_out = slice(args.samples, args.samples + 1000)  # training images the SSL never sees
     xt, yt = train.images[held_out].to(rt.device), train.labels[held_out].to(rt.device)
-    model = rt.prepare(new_ssl_model(dataset_spec("fashion-mnist").pixel_stats, cfg.fedsc_proj_dim, 0))
+    model = rt.prepare(new_ssl_model(dataset_spec("fashion-mnist").pixel_stats, cfg.fedsc_proj_dim, args.seed))
     bs = cfg.batch_size * 4
 
     def probe() -> float:
@@ -56,7 +57,7 @@ def main() -> int:
     print(f"random init: kNN accuracy {probe():.3f}", flush=True)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        stats = train_fedsc(model, x, None, 1.0, cfg, rt, lr=args.lr, seed=epoch)
+        stats = train_fedsc(model, x, None, 1.0, cfg, rt, lr=args.lr, seed=1000 * args.seed + epoch)
         if epoch % args.every == 0:
             print(f"epoch {epoch}: loss {stats.loss:.3f}, kNN accuracy {probe():.3f} ({time.perf_counter() - t0:.0f} s/epoch)", flush=True)
     return 0

@@ -105,7 +105,7 @@ class RunConfig(BaseModel):
     fedsc_proj_dim: int = Field(128, ge=1)
     fedsc_corr_passes: int = Field(2, ge=1)  # augmented passes per correlation matrix
     fedsc_grad_clip: float = Field(3.0, gt=0)
-    fedsc_gray_jitter: bool = False  # ours: brightness/contrast jitter of 1-channel views (issue 11)
+    fedsc_gray_jitter: bool = True  # ours: brightness/contrast jitter of 1-channel views (issue 11, README)
     fedsc_stale_matrices: Literal["reuse", "drop"] = "reuse"
     dp_epsilon: float = Field(8.0, gt=0, allow_inf_nan=True)  # inf turns the noise off
     dp_delta: float = Field(1e-5, gt=0, lt=1)

@@ -28,7 +28,7 @@ from ..constants import (
     TRAIN_LOSS,
     moe_expert_prefix,
 )
-from .nodes import round_nodes, sample_nodes, wait_for_nodes
+from .nodes import round_nodes
 from .validation import (
     array_problem,
     array_spec,
@@ -285,9 +285,8 @@ class ExpertAssignment(FedAvg):
         (a bounded wait, as for training), as ``evaluate_message_type``."""
         if self.fraction_evaluate == 0.0:
             return []
-        what = f"{self.evaluate_message_type} round {server_round}"
-        connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait, what, at_least=self.min_replies)
-        nodes = sample_nodes(connected, self.fraction_evaluate, self.min_evaluate_nodes, self.sample_seed, -server_round)
+        nodes, _ = round_nodes(self, grid, server_round, f"{self.evaluate_message_type} round {server_round}",
+                               evaluate=True)
         config["server-round"] = server_round  # as FedAvg.configure_evaluate
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content, dst_node_id=node, message_type=self.evaluate_message_type) for node in nodes]

@@ -72,17 +72,23 @@ def sample_nodes(connected: list[int], fraction: float, min_nodes: int, seed: in
     return sorted(random.Random(f"nmoe-sample:{seed}:{server_round}").sample(sorted(connected), size))
 
 
-def round_nodes(strategy: FedAvg, grid: Grid, server_round: int, what: str) -> tuple[list[int], list[int]]:
-    """``(sampled, connected)`` for one training round of ``strategy``.
+def round_nodes(
+    strategy: FedAvg, grid: Grid, server_round: int, what: str, evaluate: bool = False
+) -> tuple[list[int], list[int]]:
+    """``(sampled, connected)`` for one training (or, with ``evaluate``, evaluation) round of ``strategy``.
 
     Reads the strategy's ``min_available_nodes`` (nodes wanted),
     ``node_wait`` (longest wait), ``min_replies`` (fewest to go on with),
-    ``fraction_train``/``min_train_nodes`` (sample size) and
-    ``sample_seed``.
+    ``fraction_train``/``min_train_nodes`` (or ``fraction_evaluate``/
+    ``min_evaluate_nodes``: sample size) and ``sample_seed``; evaluation
+    rounds draw their own sample.
     """
     connected = wait_for_nodes(grid, strategy.min_available_nodes, strategy.node_wait, what,
                                at_least=strategy.min_replies)
-    sampled = sample_nodes(connected, strategy.fraction_train, strategy.min_train_nodes, strategy.sample_seed,
-                           server_round)
+    if evaluate:
+        fraction, minimum, draw = strategy.fraction_evaluate, strategy.min_evaluate_nodes, -server_round
+    else:
+        fraction, minimum, draw = strategy.fraction_train, strategy.min_train_nodes, server_round
+    sampled = sample_nodes(connected, fraction, minimum, strategy.sample_seed, draw)
     log(INFO, "%s: sampled %d nodes (out of %d connected)", what, len(sampled), len(connected))
     return sampled, sorted(connected)

@@ -35,6 +35,7 @@ from .constants import (
     ALPHA,
     ARRAYS,
     ASSIGNED_EXPERTS,
+    CLASS_SUPPORT_PREFIX,
     CONFIG,
     CORRELATION,
     CORRELATION_KEY,
@@ -331,6 +332,9 @@ def train_expert(msg: Message, context: Context) -> Message:
         expert, latents[LATENT_PARTS[p]].to(rt.device), data.labels.to(rt.device), data.num_classes, cfg.batch_size * 4, rt
     ))
     metrics = {**_fit_metrics(stats), PARTITION_ID: env.partition_id, **{EXPERT_METRIC_PREFIX + k: v for k, v in own.items()}}
+    # What the expert was trained on, per class: the server picks gate candidates by it (algorithms/candidates.py).
+    support = torch.bincount(split.train.labels.cpu(), minlength=split.train.num_classes)
+    metrics |= {f"{CLASS_SUPPORT_PREFIX}{c}": int(n) for c, n in enumerate(support.tolist())}
     return _reply(msg, metrics, to_record(expert.state_dict()))
 
 

@@ -82,7 +82,7 @@ class RunConfig(BaseModel):
 
     # Stage 1: feature extractor
     fe_method: Literal[FE_METHODS] = "fedce"
-    fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per FedSC round
+    fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per round (FedCE, FedSC, gate, MoE)
     knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe of the extractor
     pooled_probe: bool = True  # probes on all clients' data pooled, with floors, and the router ceiling (server-side)
     fedce_rounds: int = Field(30, ge=1)
@@ -129,6 +129,9 @@ class RunConfig(BaseModel):
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
     gate_oof_folds: int = Field(5, ge=0)  # cross-fitted own-expert answers for the gate; 0/1 = off
     top_k: int = Field(1, ge=1)
+    # ours (issue 13): experts each client receives for its gate: its own + class specialists
+    # (algorithms/candidates.py); 0 = the whole bank, as in the paper
+    gate_candidates: int = Field(0, ge=0)
 
     # Capacity-aware global MoE (pipeline = "alignment")
     num_experts: int = Field(16, ge=2, le=1024)
@@ -162,6 +165,11 @@ class RunConfig(BaseModel):
         if self.gate_train_top_k > n:
             raise ValueError(
                 f"gate-train-top-k = {self.gate_train_top_k} exceeds num-clients = {n} experts"
+            )
+        if 0 < self.gate_candidates < max(self.top_k, self.gate_train_top_k, 2):
+            raise ValueError(
+                f"gate-candidates = {self.gate_candidates} must be 0 (the whole bank) or at least 2, top-k "
+                f"({self.top_k}) and gate-train-top-k ({self.gate_train_top_k})"
             )
         if self.fault_drop_rate + self.fault_straggler_rate >= 1:
             raise ValueError("fault-drop-rate + fault-straggler-rate must be < 1 (some client has to answer)")

@@ -64,6 +64,7 @@ EXPERT_ROUTED = "expert-routed"  # alignment: samples routed to each assigned ex
 EXPERT_IMPROVEMENT = "expert-improvement"  # alignment: relative loss improvement per assigned expert
 ROUTING_SHARE = "routing-share"  # alignment: share of samples the full router sends to each expert
 SECONDS = "seconds"  # wall time of the client's work for this message
+CLASS_SUPPORT_PREFIX = "class-support-"  # stage 2: "class-support-<c>", training samples of class c (gate candidates)
 EXPERT_METRIC_PREFIX = "expert-"  # stage 2: "expert-accuracy", ... of the expert on its own test set
 BYTES = "bytes"  # alignment: bytes sent down and up in a round (aggregated metric)
 SIM_SECONDS = "sim-seconds"  # alignment: simulated wall time of a round (aggregated metric)

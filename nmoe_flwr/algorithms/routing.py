@@ -81,13 +81,17 @@ def routing_diagnostics(
     return out
 
 
-def owner_routing(labels: Tensor, own: int, owners: Mapping[int, Sequence[int]]) -> Tensor:
+def owner_routing(
+    labels: Tensor, own: int, owners: Mapping[int, Sequence[int]], present: Sequence[bool] | Tensor | None = None
+) -> Tensor:
     """``(N,)`` the class-owner oracle's expert per sample: this client's own
-    expert if it owns the label, else the label's first owner (own if none)."""
+    expert if it owns the label, else the label's first owner among the
+    ``present`` experts (default: all; own if no owner is present)."""
     out = torch.full_like(labels, own)
     for c, clients in owners.items():
-        if clients and own not in clients:
-            out[labels == c] = clients[0]
+        reachable = [j for j in clients if present is None or bool(present[j])]
+        if reachable and own not in clients:
+            out[labels == c] = reachable[0]
     return out
 
 
@@ -107,6 +111,7 @@ def oracle_predictions(probs: Tensor, labels: Tensor, own: int, owners: Mapping[
         ``"class-owner"`` and ``"best-expert"``: ``(N,)`` predicted classes.
     """
     rows = torch.arange(labels.shape[0], device=probs.device)
-    owner = owner_routing(labels, own, owners).to(probs.device)
+    present = (probs > 0).any(2).any(0).cpu()  # a missing expert answers all zeros (gate.bank_probs)
+    owner = owner_routing(labels, own, owners, present).to(probs.device)
     best = probs[rows, :, labels].argmax(dim=1)  # the expert most confident on the true label
     return {"class-owner": probs[rows, owner].argmax(1), "best-expert": probs[rows, best].argmax(1)}

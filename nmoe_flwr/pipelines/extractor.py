@@ -110,7 +110,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
                for r, lost in strategy.missing.items()}
     missing = {r: lost for r, lost in missing.items() if lost}
     for r, metrics in rounds.items():
-        metrics["replies"] = len(fed.pids) - len(missing.get(r, {}))
+        metrics["replies"] = len(strategy.sampled.get(r, ())) - len(strategy.missing.get(r, {}))
     releases = max(strategy.releases.values(), default=0)
     spent = mechanism.epsilon(releases)
     log(INFO, "FedSC: epsilon spent %.3f (delta %g) after %d releases per client", spent, cfg.dp_delta, releases)

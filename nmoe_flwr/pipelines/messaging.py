@@ -154,10 +154,20 @@ class Federation:
         With ``missing`` (a dict), partitions that fail or time out are
         recorded there by partition id and left out (else the run ends).
         """
+        return self.send(dict.fromkeys(self.pids.values(), content), message_type, missing)
+
+    def send(
+        self, contents: Mapping[int, RecordDict], message_type: str, missing: dict[int, str] | None = None
+    ) -> dict[int, RecordDict]:
+        """Send ``{partition id: content}``, one message each; replies keyed by partition id.
+
+        ``missing`` as in :meth:`broadcast`.
+        """
         # A node that died may be restarting: give it the rejoin window; one that stays away gets an error reply.
         wait_for_nodes(self.grid, len(self.pids), self.cfg.rejoin_timeout, message_type, at_least=1)
         lost: dict[int, str] | None = {} if missing is not None else None
-        replies = send_to_all(self.grid, {node: content for node in self.pids}, message_type, self.cfg.round_timeout, lost)
+        nodes = {node: contents[pid] for node, pid in self.pids.items() if pid in contents}
+        replies = send_to_all(self.grid, nodes, message_type, self.cfg.round_timeout, lost)
         if missing is not None and lost:
             missing.update({self.pids[node]: why for node, why in lost.items()})
         return {self.pids[node]: reply for node, reply in replies.items()}
@@ -183,7 +193,7 @@ class Federation:
         checkpoint: StageCheckpoint | None = None,
         server_momentum: float = 0.0,
     ) -> tuple[ArrayRecord, dict[int, dict[str, float]], dict[int, dict[int, str]]]:
-        """Run one federated stage with :class:`PartialFedAvg` over every client.
+        """Run one federated stage with :class:`PartialFedAvg` over a ``fraction-train`` sample of the clients per round.
 
         A round is averaged from the clients whose replies are valid (the
         others are logged and recorded); it fails only if none is. With a
@@ -214,7 +224,8 @@ class Federation:
             prefixes,
             train_message_type=message_type,
             fraction_evaluate=0.0,  # evaluation is a separate, final message
-            min_train_nodes=self.cfg.num_clients,
+            fraction_train=self.cfg.fraction_train,
+            min_train_nodes=1,
             min_available_nodes=self.cfg.num_clients,
             node_wait=self.cfg.rejoin_timeout,
             sample_seed=self.cfg.seed,
@@ -230,7 +241,8 @@ class Federation:
             r = offset + server_round
             lost = {self.pids.get(n, n): why for n, why in strategy.missing.get(server_round, {}).items()}
             lost |= self.absent(strategy.connected.get(server_round))
-            rounds[r] = {**strategy.train_metrics.get(server_round, {}), "replies": self.cfg.num_clients - len(lost)}
+            averaged = len(strategy.sampled.get(server_round, ())) - len(strategy.missing.get(server_round, {}))
+            rounds[r] = {**strategy.train_metrics.get(server_round, {}), "replies": averaged}
             if lost:
                 missing[r] = lost
             if checkpoint is not None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from logging import INFO
 
+import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 from flwr.supercore import log
 
+from ..algorithms.candidates import choose_candidates
 from ..algorithms.gate import new_gate
 from ..algorithms.seeding import derive_seed
 from ..algorithms.training import mean_over_clients
@@ -26,6 +28,7 @@ from ..constants import (
     ACCURACY,
     ARRAYS,
     BYTES_PER_SAMPLE,
+    CLASS_SUPPORT_PREFIX,
     DOMINANT_SENT_AWAY,
     EXPERT_BANK,
     EXPERT_METRIC_PREFIX,
@@ -74,8 +77,8 @@ def run_nmoe(fed: Federation, rec: RunRecorder) -> None:
         rec.save()
     if fed.cfg.stages == "fe":
         return
-    bank = train_experts(fed, rec, extractor)
-    gate = train_gates(fed, rec, bank)
+    bank, support = train_experts(fed, rec, extractor)
+    gate = train_gates(fed, rec, bank, support)
     missing = {}
     per_client = rec.timed("eval-nmoe", lambda: fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE, missing))
     for oracle in ORACLE_ROUTINGS:
@@ -97,33 +100,72 @@ ORACLE_ROUTINGS = ("class-owner", "best-expert")
 """Oracle routings the clients score (:func:`nmoe_flwr.algorithms.routing.oracle_predictions`)."""
 
 
-def train_experts(fed: Federation, rec: RunRecorder, extractor: ArrayRecord) -> dict[int, dict]:
-    """Stage 2: every client trains its expert on latents of ``extractor``;
-    returns the expert bank ``{partition id: expert state}``."""
+def train_experts(
+    fed: Federation, rec: RunRecorder, extractor: ArrayRecord
+) -> tuple[dict[int, dict], dict[int, np.ndarray]]:
+    """Stage 2: every client trains its expert on latents of ``extractor``.
+
+    Returns
+    -------
+    bank, support
+        ``{partition id: expert state}`` and ``{partition id: (C,) training
+        samples per class}`` (what :func:`~nmoe_flwr.algorithms.candidates.choose_candidates` reads).
+    """
     checkpoint = StageCheckpoint(rec.folder, BANK_STAGE)
     saved = checkpoint.load() if fed.cfg.resume and rec.has("results", "personalized-expert") else None
     if saved is not None:  # the clients still hold their cached latents on disk
         log(INFO, "Expert bank of %d experts taken from %s (stage 2 skipped)", len(saved["bank"]), checkpoint.path)
-        return dict(saved["bank"])
+        return dict(saved["bank"]), dict(saved.get("support") or {})
     missing: dict[int, str] = {}
     replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT, missing))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
-    checkpoint.save(bank=bank)
     metrics = metrics_of(replies)
+    support = {pid: class_support(m, fed.num_classes) for pid, m in metrics.items()}
+    metrics = {pid: {k: v for k, v in m.items() if not k.startswith(CLASS_SUPPORT_PREFIX)} for pid, m in metrics.items()}
+    checkpoint.save(bank=bank, support=support)
     own = {pid: strip_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
     # A lost expert is left out of the bank: the gates mask it and routing never picks it.
     rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()},
                                   "missing": {str(k): v for k, v in sorted(missing.items())}})
     rec.result("personalized-expert", own, mean_over_clients(own), missing=missing)
     rec.save()
-    return bank
+    return bank, support
 
 
-def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict]) -> ArrayRecord:
-    """Stage 3: send the frozen bank, then federated gate training by
-    ``gate-method``; returns the averaged gate entries."""
+def class_support(metrics: dict[str, float], num_classes: int) -> np.ndarray:
+    """``(C,)`` training samples per class from a stage-2 reply's ``class-support-<c>`` metrics."""
+    return np.array([metrics.get(f"{CLASS_SUPPORT_PREFIX}{c}", 0) for c in range(num_classes)], dtype=np.int64)
+
+
+def send_bank(fed: Federation, rec: RunRecorder, bank: dict[int, dict], support: dict[int, np.ndarray]) -> None:
+    """Stage 3 set-up: every client gets the frozen experts its gate may route to.
+
+    With ``gate-candidates = 0`` (the paper) that is the whole bank, the same
+    message for everyone; with ``k`` each client gets its own expert and
+    ``k - 1`` class specialists (:func:`~nmoe_flwr.algorithms.candidates.choose_candidates`),
+    recorded in results.json (``stages.gate-candidates``). The others are
+    absent on the client, so its gate masks them (as a lost expert).
+    """
+    k = fed.cfg.gate_candidates
+    if not k or k >= len(bank):
+        rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
+        return
+    # A client whose own expert was lost (and with it its support) still routes: k others, classes in id order.
+    everyone = {pid: support.get(pid, np.zeros(fed.num_classes, dtype=np.int64)) for pid in fed.pids.values()}
+    candidates = choose_candidates(everyone, k, derive_seed(fed.cfg.seed, "gate-candidates"), experts=bank.keys())
+    contents = {pid: RecordDict({EXPERT_BANK: bank_to_record({j: bank[j] for j in c})}) for pid, c in candidates.items()}
+    rec.timed("stage3-send-bank", lambda: fed.send(contents, MSG_EXPERT_BANK))
+    load = np.bincount([j for c in candidates.values() for j in c], minlength=len(fed.pids))
+    log(INFO, "Gate candidates: %d experts per client; an expert is a candidate of %d to %d clients",
+        k, int(load[list(bank)].min()), int(load.max()))
+    rec.stage_details("gate-candidates", {"k": k, "per-client": {str(p): c for p, c in sorted(candidates.items())}})
+
+
+def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict], support: dict[int, np.ndarray]) -> ArrayRecord:
+    """Stage 3: send the frozen bank (:func:`send_bank`), then federated gate
+    training by ``gate-method``; returns the averaged gate entries."""
     cfg = fed.cfg
-    rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
+    send_bank(fed, rec, bank, support)
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
     init = new_gate(cfg.mlp_hidden, cfg.num_clients, derive_seed(cfg.seed, "gate-init")).state_dict()
     checkpoint = StageCheckpoint(rec.folder, "gate")

@@ -144,6 +144,7 @@ class FedSC(FedAvg):
         self._sent: dict | None = None  # spec of the weights sent this round
         self._out: list[Message] = []  # the messages of the current phase
         self.missing: dict[int, dict[int, str]] = {}  # round -> {node: why it was left out}
+        self.sampled: dict[int, list[int]] = {}  # round -> nodes sampled for it
         self.matrices: dict[int, CorrelationEntry] = {}
         self.releases: dict[int, int] = {}  # node -> matrices sent (for privacy accounting)
 
@@ -226,6 +227,7 @@ class FedSC(FedAvg):
         """Sample nodes, run the correlation phase, then build per-node training messages."""
         sampled, self.connected[server_round] = round_nodes(self, grid, server_round,
                                                             f"{self.train_message_type} round {server_round}")
+        self.sampled[server_round] = sampled
         config["server-round"] = server_round  # as FedAvg.configure_train
         self._sent = array_spec(arrays)
         config[ALPHA] = float(self.alpha(server_round))

@@ -114,6 +114,7 @@ class PartialFedAvg(FedAvg):
         self.node_wait = node_wait
         self.sample_seed = sample_seed
         self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
+        self.sampled: dict[int, list[int]] = {}  # round -> nodes sent the round's training message
         self.server_momentum = server_momentum
         # FedAvgM velocity: None until the first round is averaged (that round is plain FedAvg).
         self.velocity: dict | None = None
@@ -137,6 +138,7 @@ class PartialFedAvg(FedAvg):
         """Send only the shared entries, and the prefixes, to the sampled nodes."""
         sampled, self.connected[server_round] = round_nodes(self, grid, server_round,
                                                             f"{self.train_message_type} round {server_round}")
+        self.sampled[server_round] = sampled
         shared, local = split_shared(arrays, self.shared_prefixes)
         if self._sent is None and local:
             log(INFO, "PartialFedAvg: %d local entries (%s...) stay on the clients and are not in the result",

@@ -102,3 +102,13 @@ def test_nmoe_run_refuses_a_typo_before_starting_anything(capsys):
     assert main(["--app", str(ROOT), "--set", "fedce-round=5"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'fedce-round'" in err and "fedce-rounds" in err
+
+
+def test_an_override_that_is_not_key_value_pairs_names_itself_and_the_quoting_rule(tmp_path):
+    from nmoe_flwr.cli.flwr_process import merged_run_config
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('run-name = "a"\nnum-clients = 4\n')
+    assert merged_run_config(str(preset), ['run-name="b" tau=0.3']) == {"run-name": "b", "num-clients": 4, "tau": 0.3}
+    with pytest.raises(ConfigError, match='"run-name=b".*double quotes'):
+        merged_run_config(str(preset), ["run-name=b"])

@@ -132,15 +132,13 @@ def assign(
 
 def _optimal(clients: Sequence[int], caps: Sequence[int], value: np.ndarray, cap: int) -> dict[int, list[int]]:
     """Maximise total desirability under client capacities and a per-expert load cap (MILP, HiGHS)."""
+    from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n, e = value.shape
-    rows_c = np.zeros((n, n * e))
-    for i in range(n):
-        rows_c[i, i * e : (i + 1) * e] = 1.0
-    rows_e = np.zeros((e, n * e))
-    for j in range(e):
-        rows_e[j, j::e] = 1.0
+    # Sparse: x is (n, e) flattened; dense constraint rows would cost n * (n + e) * e floats (16 M at 1000 clients).
+    rows_c = sparse.kron(sparse.identity(n), np.ones((1, e)), format="csr")  # client i holds caps[i] experts
+    rows_e = sparse.kron(np.ones((1, n)), sparse.identity(e), format="csr")  # expert j is held at most cap times
     result = milp(
         c=-value.ravel(),
         constraints=[LinearConstraint(rows_c, caps, caps), LinearConstraint(rows_e, 0, cap)],

@@ -241,15 +241,30 @@ def merged_run_config(run_config: str | None, overrides: list[str] | None = None
 
     ``flwr run`` accepts a TOML file *or* key-value pairs, not both; merging
     them here lets a preset be varied on the command line.
+
+    Raises
+    ------
+    nmoe_flwr.config.ConfigError
+        A string that is not ``key=value`` pairs (e.g. an unquoted string value).
     """
+    from click import ClickException
     from flwr.common.config import parse_config_args
+
+    from ..config import ConfigError
+
+    def parsed(text: str) -> dict:
+        try:
+            return parse_config_args([text])
+        except ClickException as exc:  # Flower's message does not say which string, nor that strings need quotes
+            raise ConfigError(f'cannot parse "{text}" as key=value pairs (TOML values; strings in double quotes, '
+                              f"e.g. run-name=\"x\"): {exc.message}") from None
 
     merged: dict = {}
     if run_config:
         path = Path(run_config)
-        merged.update(tomllib.loads(path.read_text()) if path.is_file() else parse_config_args([run_config]))
-    if overrides:
-        merged.update(parse_config_args(list(overrides)))
+        merged.update(tomllib.loads(path.read_text()) if path.is_file() else parsed(run_config))
+    for text in overrides or ():
+        merged.update(parsed(text))
     return merged
 
 

@@ -192,6 +192,7 @@ class Federation:
         num_rounds: int,
         checkpoint: StageCheckpoint | None = None,
         server_momentum: float = 0.0,
+        fraction_train: float | None = None,
     ) -> tuple[ArrayRecord, dict[int, dict[str, float]], dict[int, dict[int, str]]]:
         """Run one federated stage with :class:`PartialFedAvg` over a ``fraction-train`` sample of the clients per round.
 
@@ -201,6 +202,7 @@ class Federation:
         ``resume`` in the config the stage continues after the saved round
         (or returns the saved result if it had finished). ``server_momentum``
         > 0 makes it FedAvgM (its velocity is checkpointed too).
+        ``fraction_train`` overrides the config's share of clients per round.
 
         Returns
         -------
@@ -224,7 +226,7 @@ class Federation:
             prefixes,
             train_message_type=message_type,
             fraction_evaluate=0.0,  # evaluation is a separate, final message
-            fraction_train=self.cfg.fraction_train,
+            fraction_train=self.cfg.fraction_train if fraction_train is None else fraction_train,
             min_train_nodes=1,
             min_available_nodes=self.cfg.num_clients,
             node_wait=self.cfg.rejoin_timeout,

@@ -169,8 +169,15 @@ def train_gates(fed: Federation, rec: RunRecorder, bank: dict[int, dict], suppor
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
     init = new_gate(cfg.mlp_hidden, cfg.num_clients, derive_seed(cfg.seed, "gate-init")).state_dict()
     checkpoint = StageCheckpoint(rec.folder, "gate")
+    # A gate layer that stays local is only trained by its own client: with partial participation some
+    # clients would route with an untrained decision layer, so such gates train on every client each round.
+    fraction = cfg.fraction_train if GATE_DECISION_PREFIX in prefixes else 1.0
+    if fraction != cfg.fraction_train:
+        log(INFO, "gate-method = %s keeps layers local: every client trains its gate each round (fraction-train %.2f is "
+            "for shared models)", cfg.gate_method, cfg.fraction_train)
     gate, rounds, missing = rec.timed(
-        "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds, checkpoint)
+        "stage3-gate", lambda: fed.partial_fedavg(init, prefixes, MSG_GATE, cfg.gate_rounds, checkpoint,
+                                                  fraction_train=fraction)
     )
     rec.add_rounds("gate", rounds)
     rec.stage_details("gate", {"method": cfg.gate_method, "shared-prefixes": list(prefixes), "rounds": rounds,

@@ -24,6 +24,7 @@ from .pipelines.alignment import run_alignment
 from .pipelines.messaging import Federation
 from .pipelines.nmoe import run_nmoe
 from .pipelines.results import RunRecorder
+from .strategies.restart_watch import RestartAwareGrid
 from .workspace import run_dir
 
 app = ServerApp()
@@ -58,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "nmoe-flwr run %s: results in %s", context.run_id, folder)
     t_run = time.perf_counter()
     try:
-        fed = rec.timed("discover-nodes", lambda: Federation.discover(grid, cfg))
+        # Every send of the run goes through it: a node that restarts mid-round is not waited for (restart_watch.py).
+        fed = rec.timed("discover-nodes", lambda: Federation.discover(RestartAwareGrid(grid), cfg))
         PIPELINES[cfg.pipeline](fed, rec)
     except BaseException as exc:
         rec.note("error", f"{type(exc).__name__}: {exc}")

@@ -104,6 +104,11 @@ def make_auth_keys(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def _joins(log: Path) -> int:
+    """How many times a SuperNode logging to ``log`` was taken by the SuperLink."""
+    return log.read_text(errors="replace").count("SuperNode ID:") if log.exists() else 0
+
+
 class _Child:
     """A child process logging to ``log`` (appended), stopped with its whole tree by :meth:`stop`.
 
@@ -230,14 +235,17 @@ class LoopbackDeployment:
         node.proc.wait()  # a zombie still "exists" for Flower's parent-PID monitors
         return node
 
-    def restart_node(self, i: int, timeout: float = 180.0, settle: float = 15.0) -> int:
+    def restart_node(self, i: int, timeout: float = 180.0) -> int:
         """Start SuperNode ``i`` again with its key and ``--node-config`` until the SuperLink takes it.
 
         The SuperLink refuses a node whose earlier self it still counts as
         online (up to 60 s after its last heartbeat) and the SuperNode then
         exits; a device's service manager restarts it (Docker's ``restart:``
         policy, systemd's ``Restart=``), and so does this loop, every 5 s.
-        A start that is still running ``settle`` s later has joined.
+        A start has joined once it logs its node id (Flower writes
+        ``SuperNode ID:`` only after the SuperLink took it). A message that
+        was in flight to the dead node is answered as lost by the ServerApp
+        (:class:`~nmoe_flwr.strategies.restart_watch.RestartAwareGrid`).
 
         Returns
         -------
@@ -250,13 +258,15 @@ class LoopbackDeployment:
             Not taken within ``timeout`` seconds.
         """
         deadline, attempts = time.monotonic() + timeout, 0
+        log = self.workdir / f"supernode-{i}.log"
         while time.monotonic() < deadline:
             attempts += 1
+            joined_before = _joins(log)
             node = self.nodes[i] = self._start_node(i)
-            try:
-                node.proc.wait(timeout=settle)
-            except subprocess.TimeoutExpired:
-                return attempts
+            while node.proc.poll() is None and time.monotonic() < deadline:
+                if _joins(log) > joined_before:
+                    return attempts
+                time.sleep(0.5)
             time.sleep(5.0)
         raise TimeoutError(f"SuperNode {i} was not taken back within {timeout:g} s ({attempts} starts)")
 

@@ -214,7 +214,7 @@ class ClientEnv:
         partition and keeps its own part, so no index lists travel.
         """
         return self.store.splits(
-            lambda: all_client_splits(self.cfg, cache_dir(self.cfg.output_dir))[self.partition_id]
+            lambda: all_client_splits(self.cfg, cache_dir(self.cfg.output_dir), clients=[self.partition_id])[0]
         )
 
     def pixel_stats(self, split: ClientSplits) -> PixelStats:

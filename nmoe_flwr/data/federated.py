@@ -6,6 +6,7 @@ part, so no index lists travel between server and clients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def make_client_splits(
     test_distribution: str,
     seed: int,
     unlabeled_per_client: int = 0,
+    clients: Sequence[int] | None = None,
 ) -> list[ClientSplits]:
-    """Build every client's train/test data.
+    """Build every client's train/test data (or only the named clients').
 
     Training data follow ``partition`` (``"iid"`` or ``"dominant"``) with
     ``tau`` and ``seed``.  Test data follow the same scheme when
@@ -88,23 +90,32 @@ def make_client_splits(
         same result.
     unlabeled_per_client : int, optional
         Extra unlabelled samples per client, 0 (default) for none.
+    clients : sequence of int, optional
+        Build only these clients' splits, in this order (default: all).  The
+        partition is still drawn for every client (index arrays are cheap), so
+        a client's split does not depend on who else is built; gathering only
+        its own images keeps a node's start-up O(its data), not O(all data).
 
     Returns
     -------
     list of ClientSplits
-        One per client, in client order.  Clients' sets are pairwise disjoint
+        One per client in ``clients`` (default: every client, in client order).  Clients' sets are pairwise disjoint
         within each split, and each client's unlabelled samples are disjoint
         from every client's labelled ones.
 
     Raises
     ------
     ValueError
-        Unknown ``test_distribution``, or any error of ``partition_indices``.
+        Unknown ``test_distribution``, a client outside ``range(num_clients)``,
+        or any error of ``partition_indices``.
     """
     if test_distribution not in TEST_DISTRIBUTIONS:
         raise ValueError(
             f"unknown test_distribution {test_distribution!r}; allowed: {list(TEST_DISTRIBUTIONS)}"
         )
+    wanted = list(range(num_clients)) if clients is None else [int(c) for c in clients]
+    if any(not 0 <= c < num_clients for c in wanted):
+        raise ValueError(f"clients {wanted} outside range({num_clients})")
     train_idx = partition_indices(
         train.labels.numpy(), num_clients, train_per_client, partition, tau, seed
     )
@@ -120,14 +131,14 @@ def make_client_splits(
         pool_idx = partition_indices(
             train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
         )
-        unlabeled = [subset(train, pool[i]) for i in pool_idx]
+        unlabeled = [subset(train, pool[pool_idx[c]]) if c in wanted else None for c in range(num_clients)]
     iid_tests: list[ImageSet | None] = [None] * num_clients
     if test_scheme != "iid":
         iid_idx = partition_indices(test.labels.numpy(), num_clients, test_per_client, "iid", tau, seed + 3)
-        iid_tests = [subset(test, i) for i in iid_idx]
+        iid_tests = [subset(test, iid_idx[c]) if c in wanted else None for c in range(num_clients)]
     return [
-        ClientSplits(subset(train, a), subset(test, b), u, t)
-        for a, b, u, t in zip(train_idx, test_idx, unlabeled, iid_tests)
+        ClientSplits(subset(train, train_idx[c]), subset(test, test_idx[c]), unlabeled[c], iid_tests[c])
+        for c in wanted
     ]
 
 
@@ -169,8 +180,9 @@ def load_dataset(dataset: str, data_dir: str, hf_dataset: str, cache: Path | Non
     )
 
 
-def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
-    """Every client's train/test split for ``cfg`` (a :class:`~nmoe_flwr.config.RunConfig`).
+def all_client_splits(cfg, cache: Path | None, clients: Sequence[int] | None = None) -> list[ClientSplits]:
+    """Every client's train/test split for ``cfg`` (a :class:`~nmoe_flwr.config.RunConfig`),
+    or only the named clients'.
 
     A pure function of the config (and the data files): every node computes
     the same partition and keeps its own part, so no index lists travel.
@@ -181,11 +193,14 @@ def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
         Read for the data set, its folder and the partition keys.
     cache : Path or None
         As for :func:`load_dataset`.
+    clients : sequence of int, optional
+        As for :func:`make_client_splits` (a node passes its own partition id).
 
     Returns
     -------
     list of ClientSplits
-        ``cfg.num_clients`` splits, as made by :func:`make_client_splits`.
+        One split per client (all ``cfg.num_clients`` by default), as made by
+        :func:`make_client_splits`.
 
     Raises
     ------
@@ -198,5 +213,5 @@ def all_client_splits(cfg, cache: Path | None) -> list[ClientSplits]:
         num_clients=cfg.num_clients, train_per_client=cfg.train_per_client,
         test_per_client=cfg.test_per_client, partition=cfg.partition, tau=cfg.tau,
         test_distribution=cfg.test_distribution, seed=cfg.seed,
-        unlabeled_per_client=cfg.unlabeled_per_client,
+        unlabeled_per_client=cfg.unlabeled_per_client, clients=clients,
     )

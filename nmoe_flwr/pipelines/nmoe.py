@@ -14,7 +14,7 @@ client's inference checkpoint) and the baselines (:mod:`.baselines`).
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -147,6 +147,9 @@ def send_bank(fed: Federation, rec: RunRecorder, bank: dict[int, dict], support:
     absent on the client, so its gate masks them (as a lost expert).
     """
     k = fed.cfg.gate_candidates
+    if k and not set(bank) <= set(support):  # a bank resumed from a run that did not record it
+        log(WARNING, "gate-candidates = %d but the experts' class support is not recorded: sending the whole bank", k)
+        k = 0
     if not k or k >= len(bank):
         rec.timed("stage3-send-bank", lambda: fed.broadcast(RecordDict({EXPERT_BANK: bank_to_record(bank)}), MSG_EXPERT_BANK))
         return

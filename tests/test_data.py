@@ -354,8 +354,8 @@ def test_make_client_splits(test_distribution):
 def test_one_clients_split_equals_its_entry_in_all():
     """A node builds only its own split; it must be the one the full partition gives it."""
     train, test = fake_set(100), fake_set(40)
-    kw = dict(num_clients=4, train_per_client=60, test_per_client=20, partition="dominant", tau=0.2,
-              test_distribution="same", seed=5, unlabeled_per_client=10)
+    kw = {"num_clients": 4, "train_per_client": 60, "test_per_client": 20, "partition": "dominant", "tau": 0.2,
+          "test_distribution": "same", "seed": 5, "unlabeled_per_client": 10}
     every = make_client_splits(train, test, **kw)
     some = make_client_splits(train, test, clients=[2, 0], **kw)
     for got, want in zip(some, [every[2], every[0]]):

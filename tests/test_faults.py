@@ -4,6 +4,7 @@ Unit tests here; the end-to-end runs with drop-outs are in test_e2e_flwr_run.py.
 """
 
 import math
+import random
 
 import pytest
 import torch
@@ -188,6 +189,23 @@ def test_node_samples_are_seeded_and_sized_like_fedavg():
     assert len(sample_nodes(nodes, 0.01, 5, 0, 1)) == 5  # min_nodes wins over the fraction
     assert sample_nodes([3, 1, 2], 1.0, 5, 0, 1) == [1, 2, 3]  # never more than connected
 
+
+
+def test_node_samples_follow_partitions_not_the_runs_random_node_ids():
+    """Node ids are random per Flower run: with the partition ids as ``order`` two runs (different ids, same
+    partitions) sample the same partitions; without it they need not."""
+    from nmoe_flwr.strategies.nodes import sample_nodes
+
+    rng = random.Random(7)
+    run_a = dict(zip(rng.sample(range(10**9), 100), range(100)))  # node id -> partition id
+    run_b = dict(zip(rng.sample(range(10**9), 100), range(100)))
+    parts = [[order[n] for n in sample_nodes(list(order), 0.1, 1, seed=0, server_round=3, order=order)]
+             for order in (run_a, run_b)]
+    assert sorted(parts[0]) == sorted(parts[1]) and len(parts[0]) == 10
+    unordered = [sorted(order[n] for n in sample_nodes(list(order), 0.1, 1, seed=0, server_round=3)) for order in (run_a, run_b)]
+    assert unordered[0] != unordered[1]  # what happened before: the same seed sampled other clients
+    # nodes the order does not know (joined late) come after the ranked ones and are still sampled by id
+    assert len(sample_nodes([*run_a, 5, 6], 1.0, 1, 0, 1, order=run_a)) == 102
 
 def test_local_layers_survive_a_restarted_node_but_not_a_new_run(tmp_path):
     """Issue 12.4: a SuperNode restarted mid-run has an empty context.state; the local (never averaged)

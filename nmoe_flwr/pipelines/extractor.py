@@ -95,7 +95,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         stale_matrices=cfg.fedsc_stale_matrices,
         timeout=cfg.round_timeout,
         correlation_dim=cfg.fedsc_proj_dim,
-        node_wait=cfg.rejoin_timeout, sample_seed=cfg.seed,
+        node_wait=cfg.rejoin_timeout, sample_seed=cfg.seed, node_order=fed.pids,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_available_nodes=cfg.num_clients,

@@ -231,6 +231,7 @@ class Federation:
             min_available_nodes=self.cfg.num_clients,
             node_wait=self.cfg.rejoin_timeout,
             sample_seed=self.cfg.seed,
+            node_order=self.pids,
             server_momentum=server_momentum,
         )
         if saved and saved.get("velocity") is not None:

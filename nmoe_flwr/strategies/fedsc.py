@@ -111,6 +111,9 @@ class FedSC(FedAvg):
         :class:`~nmoe_flwr.strategies.nodes.NodesLost` (Flower waits forever).
     sample_seed : int
         Seed of the per-round node sample when ``fraction_train`` < 1.
+    node_order : mapping of int to int, optional
+        Stable rank of each node id for that sample, as in
+        :class:`~nmoe_flwr.strategies.partial_fedavg.PartialFedAvg`.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -127,10 +130,12 @@ class FedSC(FedAvg):
         min_replies: int = 1,
         node_wait: float = 600.0,
         sample_seed: int = 0,
+        node_order: Mapping[int, int] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.node_wait, self.sample_seed = node_wait, sample_seed
+        self.node_order = dict(node_order) if node_order else None
         self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         if stale_matrices not in ("reuse", "drop"):
             raise ValueError(f"stale_matrices must be 'reuse' or 'drop', got {stale_matrices!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from logging import INFO, WARNING
 
 from flwr.serverapp import Grid
@@ -60,16 +61,24 @@ def wait_for_nodes(
     return nodes
 
 
-def sample_nodes(connected: list[int], fraction: float, min_nodes: int, seed: int, server_round: int) -> list[int]:
+def sample_nodes(
+    connected: list[int], fraction: float, min_nodes: int, seed: int, server_round: int,
+    order: Mapping[int, int] | None = None,
+) -> list[int]:
     """FedAvg's sample size (``max(int(n * fraction), min_nodes)``, at most ``n``), drawn reproducibly.
 
-    The draw depends only on the node ids, ``seed`` and ``server_round``
-    (Flower's ``sample_nodes`` uses the unseeded global ``random``). Sorted.
+    The draw depends only on the nodes, ``seed`` and ``server_round``
+    (Flower's ``sample_nodes`` uses the unseeded global ``random``). Node ids
+    are random per Flower run, so a caller that knows a stable rank of each
+    node (e.g. its partition id) passes it as ``order``: the draw is then over
+    ranks, and two runs with the same seed sample the same clients. Nodes
+    without a rank come after the ranked ones, by id. Sorted by node id.
     """
     size = min(len(connected), max(int(len(connected) * fraction), min_nodes))
     if size >= len(connected):
         return sorted(connected)
-    return sorted(random.Random(f"nmoe-sample:{seed}:{server_round}").sample(sorted(connected), size))
+    ranked = sorted(connected, key=lambda n: (0, order[n], n) if order and n in order else (1, 0, n))
+    return sorted(random.Random(f"nmoe-sample:{seed}:{server_round}").sample(ranked, size))
 
 
 def round_nodes(
@@ -80,7 +89,8 @@ def round_nodes(
     Reads the strategy's ``min_available_nodes`` (nodes wanted),
     ``node_wait`` (longest wait), ``min_replies`` (fewest to go on with),
     ``fraction_train``/``min_train_nodes`` (or ``fraction_evaluate``/
-    ``min_evaluate_nodes``: sample size) and ``sample_seed``; evaluation
+    ``min_evaluate_nodes``: sample size), ``sample_seed`` and, if it has one,
+    ``node_order`` (stable node ranks, see :func:`sample_nodes`); evaluation
     rounds draw their own sample.
     """
     connected = wait_for_nodes(grid, strategy.min_available_nodes, strategy.node_wait, what,
@@ -89,6 +99,6 @@ def round_nodes(
         fraction, minimum, draw = strategy.fraction_evaluate, strategy.min_evaluate_nodes, -server_round
     else:
         fraction, minimum, draw = strategy.fraction_train, strategy.min_train_nodes, server_round
-    sampled = sample_nodes(connected, fraction, minimum, strategy.sample_seed, draw)
+    sampled = sample_nodes(connected, fraction, minimum, strategy.sample_seed, draw, getattr(strategy, "node_order", None))
     log(INFO, "%s: sampled %d nodes (out of %d connected)", what, len(sampled), len(connected))
     return sampled, sorted(connected)

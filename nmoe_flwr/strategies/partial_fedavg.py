@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -91,6 +91,10 @@ class PartialFedAvg(FedAvg):
     sample_seed : int
         Seed of the per-round node sample when ``fraction_train`` < 1
         (:func:`~nmoe_flwr.strategies.nodes.sample_nodes`; Flower's is unseeded).
+    node_order : mapping of int to int, optional
+        A stable rank of each node id (e.g. its partition id), so the seeded
+        sample picks the same clients in every run (node ids are random per
+        run). Default: the draw is over node ids.
     server_momentum : float
         FedAvgM momentum on the shared weights
         (:func:`nmoe_flwr.algorithms.server_momentum.momentum_step`); 0 is FedAvg.
@@ -108,11 +112,13 @@ class PartialFedAvg(FedAvg):
         node_wait: float = 600.0,
         server_momentum: float = 0.0,
         sample_seed: int = 0,
+        node_order: Mapping[int, int] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.node_wait = node_wait
         self.sample_seed = sample_seed
+        self.node_order = dict(node_order) if node_order else None
         self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent the round's training message
         self.server_momentum = server_momentum

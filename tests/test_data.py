@@ -350,7 +350,6 @@ def test_make_client_splits(test_distribution):
         )
 
 
-
 def test_one_clients_split_equals_its_entry_in_all():
     """A node builds only its own split; it must be the one the full partition gives it."""
     train, test = fake_set(100), fake_set(40)
@@ -364,6 +363,7 @@ def test_one_clients_split_equals_its_entry_in_all():
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels), part
     with pytest.raises(ValueError, match="outside range"):
         make_client_splits(train, test, clients=[4], **kw)
+
 
 # --- unchanged error texts and cache names -----------------------------------
 

@@ -190,7 +190,6 @@ def test_node_samples_are_seeded_and_sized_like_fedavg():
     assert sample_nodes([3, 1, 2], 1.0, 5, 0, 1) == [1, 2, 3]  # never more than connected
 
 
-
 def test_node_samples_follow_partitions_not_the_runs_random_node_ids():
     """Node ids are random per Flower run: with the partition ids as ``order`` two runs (different ids, same
     partitions) sample the same partitions; without it they need not."""
@@ -205,7 +204,10 @@ def test_node_samples_follow_partitions_not_the_runs_random_node_ids():
     unordered = [sorted(order[n] for n in sample_nodes(list(order), 0.1, 1, seed=0, server_round=3)) for order in (run_a, run_b)]
     assert unordered[0] != unordered[1]  # what happened before: the same seed sampled other clients
     # nodes the order does not know (joined late) come after the ranked ones and are still sampled by id
-    assert len(sample_nodes([*run_a, 5, 6], 1.0, 1, 0, 1, order=run_a)) == 102
+    late = sample_nodes([*run_a, 5, 6], 0.5, 1, 0, 1, order=run_a)
+    assert len(late) == 51 and late == sample_nodes([6, 5, *run_a], 0.5, 1, 0, 1, order=run_a)
+    assert {5, 6} & set(sample_nodes([*run_a, 5, 6], 1.0 - 1e-9, 1, 0, 1, order=run_a))
+
 
 def test_local_layers_survive_a_restarted_node_but_not_a_new_run(tmp_path):
     """Issue 12.4: a SuperNode restarted mid-run has an empty context.state; the local (never averaged)

@@ -116,6 +116,7 @@ def make_client_splits(
     wanted = list(range(num_clients)) if clients is None else [int(c) for c in clients]
     if any(not 0 <= c < num_clients for c in wanted):
         raise ValueError(f"clients {wanted} outside range({num_clients})")
+    built = set(wanted)
     train_idx = partition_indices(
         train.labels.numpy(), num_clients, train_per_client, partition, tau, seed
     )
@@ -131,11 +132,11 @@ def make_client_splits(
         pool_idx = partition_indices(
             train.labels.numpy()[pool], num_clients, unlabeled_per_client, partition, tau, seed + 2
         )
-        unlabeled = [subset(train, pool[pool_idx[c]]) if c in wanted else None for c in range(num_clients)]
+        unlabeled = [subset(train, pool[pool_idx[c]]) if c in built else None for c in range(num_clients)]
     iid_tests: list[ImageSet | None] = [None] * num_clients
     if test_scheme != "iid":
         iid_idx = partition_indices(test.labels.numpy(), num_clients, test_per_client, "iid", tau, seed + 3)
-        iid_tests = [subset(test, iid_idx[c]) if c in wanted else None for c in range(num_clients)]
+        iid_tests = [subset(test, iid_idx[c]) if c in built else None for c in range(num_clients)]
     return [
         ClientSplits(subset(train, train_idx[c]), subset(test, test_idx[c]), unlabeled[c], iid_tests[c])
         for c in wanted

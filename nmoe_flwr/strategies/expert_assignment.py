@@ -157,10 +157,10 @@ class ExpertAssignment(FedAvg):
         # Seconds a round waits for min_available_nodes (Flower: forever), then goes on with min_replies or more.
         self.node_wait = node_wait
         self.sample_seed = seed  # the node sample of a round (fraction_train < 1) is seeded too
-        self.node_order = dict(clients)  # ... over client rows, not the per-run node ids
         self.connected: dict[int, list[int]] = {}  # round -> nodes connected when it was configured
         self.rule, self.num_experts = rule, num_experts
         self.clients, self.profiles, self.scores = dict(clients), dict(profiles), scores
+        self.node_order = self.clients  # the seeded node sample is over client rows, not the per-run node ids
         self.rng = np.random.default_rng(seed)
         self.fitness_weight, self.usage_weight, self.cap_slack = fitness_weight, usage_weight, cap_slack
         self.train_message_type, self.evaluate_message_type = train_message_type, evaluate_message_type

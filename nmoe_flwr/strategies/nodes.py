@@ -89,8 +89,8 @@ def round_nodes(
     Reads the strategy's ``min_available_nodes`` (nodes wanted),
     ``node_wait`` (longest wait), ``min_replies`` (fewest to go on with),
     ``fraction_train``/``min_train_nodes`` (or ``fraction_evaluate``/
-    ``min_evaluate_nodes``: sample size), ``sample_seed`` and, if it has one,
-    ``node_order`` (stable node ranks, see :func:`sample_nodes`); evaluation
+    ``min_evaluate_nodes``: sample size), ``sample_seed`` and ``node_order``
+    (stable node ranks or ``None``, see :func:`sample_nodes`); evaluation
     rounds draw their own sample.
     """
     connected = wait_for_nodes(grid, strategy.min_available_nodes, strategy.node_wait, what,
@@ -99,6 +99,6 @@ def round_nodes(
         fraction, minimum, draw = strategy.fraction_evaluate, strategy.min_evaluate_nodes, -server_round
     else:
         fraction, minimum, draw = strategy.fraction_train, strategy.min_train_nodes, server_round
-    sampled = sample_nodes(connected, fraction, minimum, strategy.sample_seed, draw, getattr(strategy, "node_order", None))
+    sampled = sample_nodes(connected, fraction, minimum, strategy.sample_seed, draw, strategy.node_order)
     log(INFO, "%s: sampled %d nodes (out of %d connected)", what, len(sampled), len(connected))
     return sampled, sorted(connected)

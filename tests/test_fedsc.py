@@ -183,3 +183,33 @@ def test_correlation_sensitivity_is_a_tight_bound():
     b = a.clone()
     a[0, 0] = b[0, 1] = math.sqrt(mu)  # orthogonal, on the clipping sphere
     assert torch.linalg.norm(correlation(a) - correlation(b)).item() == pytest.approx(bound, rel=1e-12)
+
+
+def test_released_correlation_respects_the_sensitivity_bound():
+    """R_i is computed with BatchNorm's running statistics (eval mode), so each sample's embedding depends on that
+    sample alone and replacing one image moves R_i by at most sqrt(2) mu / n, the bound the DP noise is scaled to.
+    With batch statistics (train mode) one image moves every embedding of its batch, and the bound breaks."""
+    from nmoe_flwr.algorithms.fedsc import fedsc_correlation, new_ssl_model
+    from nmoe_flwr.algorithms.training import resolve_runtime
+    from nmoe_flwr.config import RunConfig
+    from nmoe_flwr.data import pixel_stats_for
+
+    cfg = RunConfig(fedsc_batch_size=8, fedsc_proj_dim=16, fedsc_corr_passes=1)
+    runtime = resolve_runtime("cpu", "off")
+    model = new_ssl_model(pixel_stats_for("fashion-mnist", "", 1), cfg.fedsc_proj_dim, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 30, (32, 1, 28, 28), generator=g, dtype=torch.uint8)  # dim images
+    other = x.clone()
+    other[5] = 255  # and one bright one in the first batch: it shifts that batch's statistics
+    bound = correlation_sensitivity(cfg.fedsc_mu, x.shape[0])
+    moved = torch.linalg.norm(fedsc_correlation(model, other, cfg, runtime, 7) - fedsc_correlation(model, x, cfg, runtime, 7))
+    assert 0.0 < moved.item() <= bound * (1 + 1e-4)
+
+    def batch_stat_correlation(images: torch.Tensor) -> torch.Tensor:  # the same release, BatchNorm in train mode
+        model.train()
+        with torch.no_grad():
+            z = clip_norm(model(images.float()), cfg.fedsc_mu).double()
+        return z.T @ z / images.shape[0]
+
+    moved_train = torch.linalg.norm(batch_stat_correlation(other) - batch_stat_correlation(x)).item()
+    assert moved_train > bound

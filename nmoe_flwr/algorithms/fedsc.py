@@ -98,6 +98,19 @@ def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runti
     ``(1 / (P n)) sum_{p, x} z z^T`` over ``P = fedsc-corr-passes`` augmented
     passes of its ``n`` samples, every ``z`` clipped to norm ``sqrt(mu)``
     (which bounds the sensitivity, :mod:`nmoe_flwr.algorithms.privacy`).
+
+    Notes
+    -----
+    BatchNorm runs on its running statistics here (eval mode), while the
+    local ``R`` inside :func:`spectral_loss` sees batch statistics (train
+    mode), so the two differ (cosine 0.69 measured on the same views). The
+    mismatch is kept on purpose: the DP bound ``sqrt(2) mu / n`` needs every
+    ``z`` to depend on its own sample only. Under batch statistics one image
+    moves every embedding of its batch (7x the bound in
+    ``tests/test_fedsc.py``), so the released matrix would no longer be
+    private at the stated epsilon. FedSC's public code has no such mismatch
+    because its ResNet20 is BatchNorm-free (Fixup); a norm-free extractor is
+    the way to remove it without losing the guarantee.
     """
     model.eval()
     g = generator(seed, runtime.device)

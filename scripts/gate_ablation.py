@@ -10,6 +10,13 @@ chosen on the training-set diagnostics (``train-*`` in rounds.csv), which
 the table also shows.
 
     python scripts/gate_ablation.py --extractor outputs/paper-fe/extractor.pt --seeds 0 1 2
+
+``--extractor`` may name one stage 1 per seed with ``{seed}``, e.g.
+``outputs/fedce-s{seed}-avgm07/extractor.pt``: then seed s runs stages 2-3
+on the extractor that stage 1 trained with seed s (the whole pipeline over
+seeds). The first variant's runs also probe the extractor on the pooled data
+(test sets; kNN, linear and MLP beside raw pixels and random init), and the
+table gets those probes as well.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ COLUMNS = [
     ("nmoe", "routed-to-neighbour"), ("nmoe", "minority-to-owner"), ("nmoe", "dominant-sent-away"),
 ]
 REFERENCES = ["personalized-expert", "router-ceiling", "oracle-class-owner", "oracle-best-expert"]
+PROBES = ["knn-pooled-accuracy", "linear-pooled-accuracy", "mlp-pooled-accuracy"]
 
 
 def last_gate_round(folder: Path) -> dict[str, float]:
@@ -80,7 +88,8 @@ def fmt(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run every variant for every seed, then write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extractor", required=True, help="<run>/extractor.pt of a finished stage 1 (head.pt beside it)")
+    parser.add_argument("--extractor", required=True,
+                        help="<run>/extractor.pt of a finished stage 1 (head.pt beside it); {seed} is replaced by the seed")
     parser.add_argument("--run-config", default="configs/paper.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="gate-ablation")
@@ -89,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     root = output_root("")
     folder = root / args.name
     folder.mkdir(parents=True, exist_ok=True)
-    base = f'extractor-checkpoint="{Path(args.extractor).resolve()}" local-baseline=false centralized-baseline=false'
+    missing = [p for p in {args.extractor.format(seed=s) for s in args.seeds} if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no extractor at {', '.join(missing)}")
+
+    def base(seed: int) -> str:
+        path = Path(args.extractor.format(seed=seed)).resolve()
+        return f'extractor-checkpoint="{path}" local-baseline=false centralized-baseline=false'
 
     table: dict[str, dict] = {}
     variants = list(VARIANTS.items())
@@ -103,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             # The probes and router ceiling depend on the extractor and the seed only: once per seed.
             probe = f"pooled-probe={'true' if not table else 'false'}"
             status, record = launch(
-                Path("."), args.run_config, overrides=[base, probe, f'seed={seed} run-name="{name}"', as_overrides(overrides)]
+                Path("."), args.run_config, overrides=[base(seed), probe, f'seed={seed} run-name="{name}"', as_overrides(overrides)]
             )
             if status != "finished:completed":
                 print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)
                 return 1
-            results = json.loads((root / name / "results.json").read_text())["results"]
-            runs.append({"results": results, "train": last_gate_round(root / name)})
+            data = json.loads((root / name / "results.json").read_text())
+            runs.append({"results": data["results"], "train": last_gate_round(root / name),
+                         "probes": data["stages"].get("pooled-probe", {})})
         table[label] = {"overrides": overrides, "runs": runs}
     (folder / "ablation.json").write_text(json.dumps(table, indent=2))
     lines = [
@@ -126,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         if all(ref in r["results"] for r in first):
             cells = [fmt([r["results"][ref]["mean"][k] for r in first]) for k in ("accuracy", "macro-f1", "iid-accuracy", "iid-macro-f1")]
             lines.append(f"| {ref} | " + " | ".join(cells) + " |")
+    if all(r["probes"] for r in first):
+        features = [f for f in first[0]["probes"] if isinstance(first[0]["probes"][f], dict)]
+        lines += ["", "| pooled probe, test sets (first variant's runs) | kNN | linear | MLP |", "|---|---|---|---|"]
+        for f in features:
+            lines.append(f"| {f} | " + " | ".join(fmt([r["probes"][f][k] for r in first]) for k in PROBES) + " |")
     md = "\n".join(lines)
     (folder / "ablation.md").write_text(md + "\n")
     print("\n" + md)

@@ -47,7 +47,7 @@ def main() -> int:
     x, y = train.images[: args.samples].to(rt.device), train.labels[: args.samples].to(rt.device)
     held_out = slice(args.samples, args.samples + 1000)  # training images the SSL never sees
     xt, yt = train.images[held_out].to(rt.device), train.labels[held_out].to(rt.device)
-    model = rt.prepare(new_ssl_model(dataset_spec("fashion-mnist").pixel_stats, cfg.fedsc_proj_dim, args.seed))
+    model = rt.prepare(new_ssl_model(dataset_spec("fashion-mnist").pixel_stats, cfg.fedsc_proj_dim, args.seed, cfg.extractor_norm))
     bs = cfg.batch_size * 4
 
     def probe() -> float:

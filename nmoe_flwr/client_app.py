@@ -159,7 +159,7 @@ def info(msg: Message, context: Context) -> Message:
 def _classifier(env: ClientEnv, split: ClientSplits, seed_purpose: str = "fedce-init", shared_seed: bool = True) -> nn.Module:
     """A fresh classifier; FedCE's starts from the seed every client shares."""
     seed = derive_seed(env.cfg.seed, seed_purpose) if shared_seed else env.seed(seed_purpose)
-    return fedce.new_classifier(env.pixel_stats(split), split.train.num_classes, env.cfg.mlp_hidden, seed)
+    return fedce.new_classifier(env.pixel_stats(split), split.train.num_classes, env.cfg.mlp_hidden, seed, env.cfg.extractor_norm)
 
 
 @app.train(_name(MSG_FEDCE))
@@ -201,7 +201,9 @@ def _classifier_scores(env: ClientEnv, model: nn.Module, data: ImageSet) -> dict
 
 def _ssl_model(env: ClientEnv, split: ClientSplits, msg: Message) -> fedsc.SSLModel:
     """FedSC's model with the server's weights, on the training device."""
-    model = fedsc.new_ssl_model(env.pixel_stats(split), env.cfg.fedsc_proj_dim, derive_seed(env.cfg.seed, "fedsc-init"))
+    model = fedsc.new_ssl_model(
+        env.pixel_stats(split), env.cfg.fedsc_proj_dim, derive_seed(env.cfg.seed, "fedsc-init"), env.cfg.extractor_norm
+    )
     model.load_state_dict(from_record(msg.content[ARRAYS]))
     return env.runtime.prepare(model)
 

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .algorithms.alignment import RULES
+from .algorithms.models import NORMS
 from .data.registry import DATASETS
 
 RUN_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$"
@@ -82,6 +83,7 @@ class RunConfig(BaseModel):
 
     # Stage 1: feature extractor
     fe_method: Literal[FE_METHODS] = "fedce"
+    extractor_norm: Literal[NORMS] = "batch"  # ResNet20 with BatchNorm, or "none" (Fixup; FedSC's public code)
     fraction_train: float = Field(1.0, gt=0, le=1)  # share of clients sampled per round (FedCE, FedSC, gate, MoE)
     knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe of the extractor
     pooled_probe: bool = True  # probes on all clients' data pooled, with floors, and the router ceiling (server-side)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.cat([s.train.labels for s in splits]).to(runtime.device)
     num_classes = splits[0].train.num_classes
     stats = pixel_stats_for(cfg.dataset, cfg.hf_dataset, images.shape[1])
-    model = new_classifier(stats, num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    model = new_classifier(stats, num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"), cfg.extractor_norm)
     summary: dict = {"features": args.features, "overrides": args.overrides}
     if args.features == "fedce":
         state, metrics = fedce_plain(

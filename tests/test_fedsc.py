@@ -213,3 +213,24 @@ def test_released_correlation_respects_the_sensitivity_bound():
 
     moved_train = torch.linalg.norm(batch_stat_correlation(other) - batch_stat_correlation(x)).item()
     assert moved_train > bound
+
+
+def test_norm_free_extractor_keeps_the_bound_with_the_loss_view_of_the_data():
+    """Without BatchNorm (extractor-norm = "none") the embeddings the loss sees in training mode are per-sample, so
+    the same release computed in training mode stays within sqrt(2) mu / n: no mismatch and no loss of privacy."""
+    from nmoe_flwr.algorithms.fedsc import new_ssl_model
+    from nmoe_flwr.data import pixel_stats_for
+
+    mu, n = 4.0, 32
+    model = new_ssl_model(pixel_stats_for("fashion-mnist", "", 1), 16, seed=0, norm="none").train()
+    x = torch.randint(0, 30, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    other = x.clone()
+    other[5] = 255
+
+    def release(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = clip_norm(model(images.float()), mu).double()
+        return z.T @ z / n
+
+    moved = torch.linalg.norm(release(other) - release(x)).item()
+    assert 0.0 < moved <= correlation_sensitivity(mu, n) * (1 + 1e-6)

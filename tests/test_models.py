@@ -108,3 +108,47 @@ def test_centralized_moe_train_and_eval_outputs_are_distributions():
     assert out.shape == (5, 10) and torch.allclose(out.sum(1), torch.ones(5))
     model.eval()
     assert torch.allclose(model(x, k=1).sum(1), torch.ones(5))
+
+
+def test_norm_free_resnet20_parameter_count_and_keys():
+    """Fixup ResNet20: the BatchNorm ResNet20 less its 1376 BN weights, plus 46 scalars (stem bias, 5 per block)."""
+    model = ResNet20(PixelStats.neutral(1), norm="none")
+    assert num_parameters(model) == 268_784 - 2 * (16 + 3 * 2 * (16 + 32 + 64)) + 1 + 9 * 5 == 267_454
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not [name for name, _ in model.named_buffers() if name not in ("mean", "std")]  # no statistics
+    assert ResNet20.norm_of(model.state_dict()) == "none"
+    assert ResNet20.norm_of(ResNet20(PixelStats.neutral(1)).state_dict()) == "batch"
+    with pytest.raises(ValueError, match="valid: batch, none"):
+        ResNet20(PixelStats.neutral(1), norm="group")
+
+
+def test_norm_free_resnet20_starts_as_its_stem_and_shortcuts():
+    """Fixup's init zeroes every residual branch, so at init the extractor is relu(stem conv) carried through the
+    option-A shortcuts (subsample by 4, channels zero-padded 16 -> 64), then averaged."""
+    torch.manual_seed(0)
+    model = ResNet20(PixelStats.neutral(1), norm="none")
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    stem = torch.relu(model.conv((x.float() - model.mean) / model.std))[:, :, ::4, ::4]  # two stride-2 stages
+    expected = torch.nn.functional.pad(stem, (0, 0, 0, 0, 24, 24)).mean(dim=(2, 3))  # 16 -> 32 -> 64 channels
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_norm_free_embeddings_depend_on_their_own_sample_only_in_training_mode():
+    model = ResNet20(PixelStats.neutral(1), norm="none").train()
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    other = x.clone()
+    other[1:] = 255 - other[1:]
+    torch.testing.assert_close(model(x)[0], model(other)[0])
+    bn = ResNet20(PixelStats.neutral(1)).train()  # with BatchNorm in training mode they do not
+    assert not torch.allclose(bn(x)[0], bn(other)[0])
+
+
+def test_a_saved_extractor_of_the_other_norm_is_refused_by_name(tmp_path):
+    from nmoe_flwr.config import ConfigError
+    from nmoe_flwr.pipelines.extractor import load_extractor
+
+    path = tmp_path / "extractor.pt"
+    torch.save(ResNet20(PixelStats.neutral(1)).state_dict(), path)
+    assert set(load_extractor(str(path), "batch")) == set(ResNet20(PixelStats.neutral(1)).state_dict())
+    with pytest.raises(ConfigError, match="extractor-norm = 'batch', this run has 'none'"):
+        load_extractor(str(path), "none")

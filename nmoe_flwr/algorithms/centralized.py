@@ -41,7 +41,7 @@ def train_centralized_moe(
         Accuracy and macro-F1 on each of ``tests``, in order.
     """
     with seeded(derive_seed(cfg.seed, "centralized-init")):
-        model = CentralizedMoE(stats, num_classes, cfg.num_clients, cfg.mlp_hidden)
+        model = CentralizedMoE(stats, num_classes, cfg.num_clients, cfg.mlp_hidden, cfg.extractor_norm)
     model = runtime.prepare(model)
     noise = generator(derive_seed(cfg.seed, "centralized-noise"), runtime.device)
 

@@ -39,10 +39,10 @@ from .training import (
 )
 
 
-def new_classifier(stats: PixelStats, num_classes: int, hidden: int, seed: int) -> Classifier:
-    """A freshly initialised ResNet20 + MLP classifier (seeded)."""
+def new_classifier(stats: PixelStats, num_classes: int, hidden: int, seed: int, norm: str = "batch") -> Classifier:
+    """A freshly initialised ResNet20 + MLP classifier (seeded; ``norm`` of the ResNet20)."""
     with seeded(seed):
-        return Classifier(stats, num_classes, hidden)
+        return Classifier(stats, num_classes, hidden, norm)
 
 
 def logit_adjusted_ce(offset: Tensor) -> LossFn:

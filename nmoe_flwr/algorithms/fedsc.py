@@ -34,9 +34,9 @@ class SSLModel(nn.Module):
     the contrastive objective (as in SimCLR/FedSC).
     """
 
-    def __init__(self, stats: PixelStats, proj_dim: int, hidden: int = 256) -> None:
+    def __init__(self, stats: PixelStats, proj_dim: int, hidden: int = 256, norm: str = "batch") -> None:
         super().__init__()
-        self.extractor = ResNet20(stats)
+        self.extractor = ResNet20(stats, norm)
         self.projector = nn.Sequential(
             nn.Linear(ResNet20.out_dim, hidden), nn.ReLU(), nn.Linear(hidden, proj_dim)
         )
@@ -85,10 +85,10 @@ def alpha_at(server_round: int, num_rounds: int, start: float, end: float) -> fl
     return start + (end - start) * (server_round - 1) / (num_rounds - 1)
 
 
-def new_ssl_model(stats: PixelStats, proj_dim: int, seed: int) -> SSLModel:
-    """A freshly initialised extractor + projector (seeded)."""
+def new_ssl_model(stats: PixelStats, proj_dim: int, seed: int, norm: str = "batch") -> SSLModel:
+    """A freshly initialised extractor + projector (seeded; ``norm`` of the ResNet20)."""
     with seeded(seed):
-        return SSLModel(stats, proj_dim)
+        return SSLModel(stats, proj_dim, norm=norm)
 
 
 @torch.no_grad()

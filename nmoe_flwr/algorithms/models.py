@@ -19,13 +19,25 @@ by them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.registry import PixelStats
+
+NORMS = ("batch", "none")
+"""Normalisation of the ResNet20 (``extractor-norm``): BatchNorm, or none (Fixup)."""
+
+
+def _shortcut(x: Tensor, stride: int, pad: int) -> Tensor:
+    """Option A of the ResNet paper: subsample and zero-pad channels (parameter-free,
+    which keeps ResNet20 at 0.27 M parameters)."""
+    if stride == 1 and not pad:
+        return x
+    x = x[:, :, ::stride, ::stride]
+    return F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2))
 
 
 class _BasicBlock(nn.Module):
@@ -42,13 +54,32 @@ class _BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.stride != 1 or self.pad:
-            # Option A of the ResNet paper: subsample and zero-pad channels,
-            # which keeps ResNet20 at 0.27 M parameters.
-            shortcut = x[:, :, :: self.stride, :: self.stride]
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+        return F.relu(out + _shortcut(x, self.stride, self.pad))
+
+
+class _FixupBlock(nn.Module):
+    """The same block without normalisation: Fixup (Zhang et al., ICLR 2019).
+
+    A scalar bias before each convolution and activation and a scalar
+    multiplier on the branch stand in for BatchNorm's affine part;
+    :class:`ResNet20` zero-initialises ``conv2`` and scales ``conv1`` by
+    ``L ** -0.5`` (``L`` = 9 blocks), so every branch starts as the identity.
+    No statistics: an embedding depends on its own sample only, in training
+    as in evaluation (what FedSC's privacy bound needs).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bias1a, self.bias1b, self.bias2a, self.bias2b = (nn.Parameter(torch.zeros(1)) for _ in range(4))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.conv1(x + self.bias1a) + self.bias1b)
+        out = self.conv2(out + self.bias2a) * self.scale + self.bias2b
+        return F.relu(out + _shortcut(x, self.stride, self.pad))
 
 
 class ResNet20(nn.Module):
@@ -60,6 +91,9 @@ class ResNet20(nn.Module):
         The data set's pixel statistics (its registry entry,
         :func:`nmoe_flwr.data.pixel_stats_for`); the input has
         ``stats.channels`` channels.
+    norm : {"batch", "none"}
+        BatchNorm (the paper's ResNet20) or no normalisation with Fixup's
+        initialisation (FedSC's public code; ``extractor-norm``).
 
     Notes
     -----
@@ -71,29 +105,46 @@ class ResNet20(nn.Module):
 
     out_dim = 64
 
-    def __init__(self, stats: PixelStats) -> None:
+    def __init__(self, stats: PixelStats, norm: str = "batch") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        self.norm = norm
         # Non-persistent: constants are not weights, so they never travel.
         self.register_buffer("mean", torch.tensor(stats.mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(stats.std).view(1, -1, 1, 1) * 255, persistent=False)
         self.conv = nn.Conv2d(stats.channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        if norm == "batch":
+            self.bn = nn.BatchNorm2d(16)
+        else:
+            self.bias = nn.Parameter(torch.zeros(1))
+        block = _BasicBlock if norm == "batch" else _FixupBlock
         layers: list[nn.Module] = []
         c_in = 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for b in range(3):
-                layers.append(_BasicBlock(c_in, c_out, stride if b == 0 else 1))
+                layers.append(block(c_in, c_out, stride if b == 0 else 1))
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if norm == "none":  # Fixup's initialisation: every residual branch starts at zero
+            with torch.no_grad():
+                for m in self.layers:
+                    m.conv1.weight.mul_(len(self.layers) ** -0.5)
+                    m.conv2.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         x = (x.float() - self.mean) / self.std  # (B, C, H, W)
-        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.bn(self.conv(x))) if self.norm == "batch" else F.relu(self.conv(x) + self.bias)
         x = self.layers(x)  # (B, 64, H/4, W/4)
         return x.mean(dim=(2, 3))  # (B, 64)
+
+    @staticmethod
+    def norm_of(state: Mapping[str, Tensor]) -> str:
+        """The ``norm`` a bare ResNet20 state dict was made with (BatchNorm has ``bn.*`` entries)."""
+        return "batch" if "bn.weight" in state else "none"
 
 
 def _he_init(module: nn.Module) -> None:
@@ -136,10 +187,10 @@ class Classifier(nn.Module):
     State-dict keys start with ``extractor.`` and ``head.``.
     """
 
-    def __init__(self, stats: PixelStats, num_classes: int, hidden: int) -> None:
+    def __init__(self, stats: PixelStats, num_classes: int, hidden: int, norm: str = "batch") -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.extractor = ResNet20(stats)
+        self.extractor = ResNet20(stats, norm)
         self.head = MLP(ResNet20.out_dim, hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -276,9 +327,9 @@ class CentralizedMoE(nn.Module):
     probabilities under noisy top-k routing.
     """
 
-    def __init__(self, stats: PixelStats, num_classes: int, num_experts: int, hidden: int) -> None:
+    def __init__(self, stats: PixelStats, num_classes: int, num_experts: int, hidden: int, norm: str = "batch") -> None:
         super().__init__()
-        self.extractor = ResNet20(stats)
+        self.extractor = ResNet20(stats, norm)
         self.gate = Gate(ResNet20.out_dim, hidden, num_experts)
         self.experts = nn.ModuleList(
             MLP(ResNet20.out_dim, hidden, num_classes) for _ in range(num_experts)

@@ -51,7 +51,7 @@ def fedce_plain(
     """
     in_channels, num_classes = splits[0].train.images.shape[1], splits[0].train.num_classes
     stats = pixel_stats_for(cfg.dataset, cfg.hf_dataset, in_channels)
-    model = new_classifier(stats, num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    model = new_classifier(stats, num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"), cfg.extractor_norm)
     model = runtime.prepare(model)
     shared = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -81,8 +81,9 @@ def load_checkpoint(folder: Path) -> ClientCheckpoint:
     if m.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {m.get('format')!r}, this version reads {FORMAT}")
     load = lambda part: torch.load(folder / m["files"][part], weights_only=True)
-    extractor = ResNet20(checkpoint_pixel_stats(m))
-    extractor.load_state_dict(load("extractor"))
+    extractor_state = load("extractor")
+    extractor = ResNet20(checkpoint_pixel_stats(m), ResNet20.norm_of(extractor_state))
+    extractor.load_state_dict(extractor_state)
     gate = Gate(int(m["latent-dim"]), int(m["mlp-hidden"]), int(m["num-experts"]))
     gate_state = load("gate")
     gate_state.setdefault("log_prior", torch.zeros(int(m["num-experts"])))  # written before gates had a prior: none

@@ -24,10 +24,11 @@ from flwr.supercore import log
 
 from ..algorithms.fedce import new_classifier
 from ..algorithms.fedsc import alpha_at, new_ssl_model
+from ..algorithms.models import ResNet20
 from ..algorithms.privacy import GaussianMechanism
 from ..algorithms.seeding import derive_seed
 from ..algorithms.training import mean_over_clients
-from ..config import FE_METHODS
+from ..config import FE_METHODS, ConfigError
 from ..constants import (
     EXTRACTOR_PREFIX,
     HEAD_PREFIX,
@@ -62,7 +63,7 @@ def train_fedce(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     the FedCE classifier on every client's test set (a baseline)."""
     cfg = fed.cfg
     prefixes = (EXTRACTOR_PREFIX, HEAD_PREFIX) if cfg.fedce_average_head else (EXTRACTOR_PREFIX,)
-    init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"))
+    init = new_classifier(_pixel_stats(fed), fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"), cfg.extractor_norm)
     checkpoint = StageCheckpoint(rec.folder, "fedce")
     arrays, rounds, missing = rec.timed(
         "stage1-fedce", lambda: fed.partial_fedavg(
@@ -100,7 +101,7 @@ def train_fedsc(fed: Federation, rec: RunRecorder) -> ArrayRecord:
         fraction_evaluate=0.0,
         min_available_nodes=cfg.num_clients,
     )
-    init = new_ssl_model(_pixel_stats(fed), cfg.fedsc_proj_dim, derive_seed(cfg.seed, "fedsc-init"))
+    init = new_ssl_model(_pixel_stats(fed), cfg.fedsc_proj_dim, derive_seed(cfg.seed, "fedsc-init"), cfg.extractor_norm)
     result = rec.timed("stage1-fedsc", lambda: strategy.start(
         grid=fed.grid, initial_arrays=to_record(init.state_dict()), num_rounds=num_rounds, timeout=cfg.round_timeout,
         train_config=ConfigRecord({NUM_ROUNDS: num_rounds, NOISE_MULTIPLIER: mechanism.noise_multiplier}),
@@ -148,7 +149,7 @@ def train_extractor(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     if saved:
         log(INFO, "Using the extractor in %s (stage 1 skipped)", saved)
         rec.note("extractor-checkpoint" if cfg.extractor_checkpoint else "extractor-resumed", saved)
-        state = add_prefix(load_extractor(saved), EXTRACTOR_PREFIX)
+        state = add_prefix(load_extractor(saved, cfg.extractor_norm), EXTRACTOR_PREFIX)
         head = Path(saved).with_name(HEAD_FILE)
         if head.exists():  # the averaged FedCE head of the same run: experts can start from it
             state |= add_prefix(torch.load(head, weights_only=True), HEAD_PREFIX)
@@ -164,11 +165,19 @@ def train_extractor(fed: Federation, rec: RunRecorder) -> ArrayRecord:
     return arrays
 
 
-def load_extractor(path: str) -> dict[str, torch.Tensor]:
+def load_extractor(path: str, norm: str | None = None) -> dict[str, torch.Tensor]:
     """A saved extractor as a bare ResNet20 state dict.
 
     Accepts the bare format every ``extractor.pt`` of this version has and
-    the ``extractor.``-prefixed one that earlier versions wrote.
+    the ``extractor.``-prefixed one that earlier versions wrote. With
+    ``norm``, the extractor must have that ``extractor-norm``
+    (:class:`ConfigError` naming the key otherwise, not a state-dict error
+    deep in a client).
     """
     state = torch.load(path, weights_only=True)
-    return strip_prefix(state, EXTRACTOR_PREFIX) if any(k.startswith(EXTRACTOR_PREFIX) for k in state) else state
+    if any(k.startswith(EXTRACTOR_PREFIX) for k in state):
+        state = strip_prefix(state, EXTRACTOR_PREFIX)
+    if norm is not None and (found := ResNet20.norm_of(state)) != norm:
+        raise ConfigError(f"{path} holds a ResNet20 with extractor-norm = {found!r}, this run has {norm!r}: "
+                          f"set extractor-norm = {found!r} to use it")
+    return state

@@ -41,8 +41,8 @@ def feature_maps(fed: Federation, extractor: ArrayRecord, runtime: Runtime) -> d
     the trained extractor."""
     cfg = fed.cfg
     stats = pixel_stats_for(cfg.dataset, cfg.hf_dataset, fed.in_channels)
-    random_init = new_classifier(stats, fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init")).extractor
-    trained = new_classifier(stats, fed.num_classes, cfg.mlp_hidden, 0).extractor
+    random_init = new_classifier(stats, fed.num_classes, cfg.mlp_hidden, derive_seed(cfg.seed, "fedce-init"), cfg.extractor_norm).extractor
+    trained = new_classifier(stats, fed.num_classes, cfg.mlp_hidden, 0, cfg.extractor_norm).extractor
     trained.load_state_dict(strip_prefix(from_record(extractor), EXTRACTOR_PREFIX))
     bs = cfg.batch_size * 4
 

@@ -109,8 +109,9 @@ def fedsc_correlation(model: SSLModel, x: Tensor, cfg: RunConfig, runtime: Runti
     moves every embedding of its batch (7x the bound in
     ``tests/test_fedsc.py``), so the released matrix would no longer be
     private at the stated epsilon. FedSC's public code has no such mismatch
-    because its ResNet20 is BatchNorm-free (Fixup); a norm-free extractor is
-    the way to remove it without losing the guarantee.
+    because its ResNet20 is BatchNorm-free (Fixup); ``extractor-norm =
+    "none"`` is that extractor here, and removes the mismatch with the
+    guarantee intact.
     """
     model.eval()
     g = generator(seed, runtime.device)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(strip_prefix(state, EXTRACTOR_PREFIX), args.save / EXTRACTOR_FILE)
             torch.save(strip_prefix(state, HEAD_PREFIX), args.save / HEAD_FILE)
     elif args.features == "saved":
-        model.extractor.load_state_dict(load_extractor(args.extractor))
+        model.extractor.load_state_dict(load_extractor(args.extractor, cfg.extractor_norm))
     if args.features == "raw-pixels":
         features = images.flatten(1).float().to(runtime.device) / 255.0
     else:

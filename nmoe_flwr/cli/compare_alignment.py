@@ -34,7 +34,7 @@ from ..config import ConfigError
 from ..pipelines.plots import accuracy_curves
 from ..workspace import output_root
 from .flwr_process import merged_run_config, validated_run_config
-from .reproduce import fmt
+from .reproduce import finished_with, fmt
 from .run import launch
 
 
@@ -102,12 +102,7 @@ def mean_curve(curves: Sequence[Mapping[int, float]]) -> dict[int, float]:
 
 def finished(results: Path, seed: int, rule: str, slack: float) -> bool:
     """Whether ``results`` is a completed run of this seed, rule and slack (so it is reused)."""
-    if not results.is_file():
-        return False
-    data = json.loads(results.read_text())
-    cfg = data.get("config", {})
-    return (data.get("run", {}).get("status") == "completed" and cfg.get("seed") == seed
-            and cfg.get("assignment") == rule and float(cfg.get("load-cap-slack", 1.0)) == slack)
+    return finished_with(results, seed=seed, assignment=rule, **{"load-cap-slack": slack})
 
 
 def _numbers(text: str) -> list[float]:

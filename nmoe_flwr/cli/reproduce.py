@@ -45,13 +45,21 @@ def run_name(name: str, seed: int, tau: float) -> str:
     return f"{name}-s{seed}-tau{tau:g}"
 
 
-def completed(results: Path, seed: int, tau: float) -> bool:
-    """Whether ``results`` is a finished run of this seed and tau (so it is reused)."""
+def finished_with(results: Path, **expected: object) -> bool:
+    """Whether ``results`` is a completed run whose config has every ``expected`` value
+    (kebab-case keys: ``finished_with(path, seed=0, **{"load-cap-slack": 1.5})``), so a sweep reuses it."""
     if not results.is_file():
         return False
     data = json.loads(results.read_text())
     cfg = data.get("config", {})
-    return data.get("run", {}).get("status") == "completed" and cfg.get("seed") == seed and float(cfg.get("tau", -1)) == tau
+    return data.get("run", {}).get("status") == "completed" and all(
+        key in cfg and cfg[key] == value for key, value in expected.items()
+    )
+
+
+def completed(results: Path, seed: int, tau: float) -> bool:
+    """Whether ``results`` is a finished run of this seed and tau (so it is reused)."""
+    return finished_with(results, seed=seed, tau=tau)
 
 
 def fmt(values: Sequence[float]) -> str:

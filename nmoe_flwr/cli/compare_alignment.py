@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rule(s) {unknown}; valid: {', '.join(RULES)}")
     slacks = _numbers(args.slacks)
     if any(s < 1 for s in slacks):
-        parser.error("every load-cap slack must be >= 1")
+        parser.error(f"--slacks {args.slacks}: every load-cap slack must be >= 1 (the cap is ceil(slack * sum c_i / E))")
     seeds = [int(s) for s in _numbers(args.seeds)]
     base = merged_run_config(args.run_config, args.set)
     try:  # a bad key or value fails here, naming it, before the first of several runs starts

@@ -14,29 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from nmoe_flwr.cli.flwr_process import merged_run_config
+from nmoe_flwr.cli.reproduce import finished_with, fmt
 from nmoe_flwr.cli.run import launch
 from nmoe_flwr.workspace import output_root
-
-
-def fmt(values: list[float]) -> str:
-    """``mean ± std`` (sample std over seeds)."""
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
-def finished_with(results: Path, config: dict) -> bool:
-    """Whether ``results`` is a completed run whose recorded config has every key of ``config``
-    (preset plus overrides) at the same value, so an interrupted sweep reuses it."""
-    if not results.exists():
-        return False
-    data = json.loads(results.read_text())
-    recorded = data.get("config", {})
-    return data.get("run", {}).get("status") == "completed" and all(recorded.get(k) == v for k, v in config.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = (f'fault-drop-rate={rate} seed={seed} run-name="{name}" '
                          "local-baseline=false centralized-baseline=false pooled-probe=false")
             results = root / name / "results.json"
-            if finished_with(results, merged_run_config(args.run_config, [overrides])):
+            if finished_with(results, **merged_run_config(args.run_config, [overrides])):
                 print(f"{name}: finished earlier with this config, reused", flush=True)
             else:
                 status, record = launch(Path("."), args.run_config, overrides=[overrides])

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
+from nmoe_flwr.cli.reproduce import fmt
 from nmoe_flwr.cli.run import launch
 from nmoe_flwr.workspace import output_root
 
@@ -77,12 +77,6 @@ def last_gate_round(folder: Path) -> dict[str, float]:
 
     rows = [r for r in csv.DictReader((folder / "rounds.csv").open()) if r["stage"] == "gate"]
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("train-") and v}
-
-
-def fmt(values: list[float]) -> str:
-    """``mean ± std`` (std over seeds; ``±0`` for one seed is not shown)."""
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nmoe_flwr.cli.flwr_process import TIMEOUT_EXIT_CODE, stream_flwr_run
+from nmoe_flwr.cli.flwr_process import TIMEOUT_EXIT_CODE, sigterm_exits, stream_flwr_run
 from nmoe_flwr.cli.process_tree import stop_tree, tree_marker
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -288,3 +288,39 @@ def test_stream_flwr_run_stops_the_command_when_interrupted(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     pids = _pids_in(pidfile)
     assert len(pids) == 2 and all(_gone(pid) for pid in pids), pids
+
+
+def _killed_with_sigterm(tmp_path: Path, guarded: bool) -> tuple[int, bool]:
+    """Exit status of a Python child killed with SIGTERM while sleeping in a ``try``, and whether
+    its ``finally`` ran (as the SuperLink's cleanup in ``launch`` must)."""
+    marker = tmp_path / f"cleaned-{guarded}"
+    body = "    try:\n        print('ready', flush=True)\n        time.sleep(30)\n" \
+           f"    finally:\n        open({str(marker)!r}, 'w').write('yes')\n"
+    head = "with sigterm_exits():\n" if guarded else "if True:\n"
+    code = "import time\nfrom nmoe_flwr.cli.flwr_process import sigterm_exits\n" + head + body
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return code, marker.exists()
+
+
+def test_a_plain_kill_of_a_launcher_runs_its_cleanup(tmp_path):
+    """Without sigterm_exits, SIGTERM ends Python with no ``finally`` run (a launcher would
+    leave its SuperLink and Ray behind); with it, the cleanup runs and the exit status is 143."""
+    assert _killed_with_sigterm(tmp_path, guarded=False) == (-signal.SIGTERM, False)
+    assert _killed_with_sigterm(tmp_path, guarded=True) == (143, True)
+
+
+def test_sigterm_exits_restores_the_previous_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc, sigterm_exits():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    assert exc.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -8,6 +8,7 @@ import pytest
 from nmoe_flwr.cli.reproduce import (
     completed,
     fmt,
+    resumable,
     run_name,
     seeds_table,
     summarize,
@@ -61,6 +62,28 @@ def test_completed_needs_status_seed_and_tau(tmp_path: Path):
     path.write_text(json.dumps({"run": {"status": "failed"}, "config": {"seed": 0, "tau": 0.1}}))
     assert not completed(path, 0, 0.1)
     assert run_name("reproduce", 2, 0.3) == "reproduce-s2-tau0.3"
+
+
+def test_resumable_only_for_an_unfinished_run_of_the_same_config_with_checkpoints(tmp_path: Path):
+    run = tmp_path / "rep-s0-tau0.1"
+    run.mkdir()
+    config = {"seed": 0, "tau": 0.1, "run-name": run.name, "output-dir": "", "dp-epsilon": "inf", "fedce-rounds": 50}
+    expected = {"seed": 0, "tau": 0.1, "run-name": run.name, "dp-epsilon": float("inf"), "fedce-rounds": 50}
+
+    def record(status: str, **changes) -> None:
+        (run / "results.json").write_text(json.dumps({"run": {"status": status}, "config": {**config, **changes}}))
+
+    record("running")
+    assert resumable(run, expected) is None  # no checkpoint yet: nothing to resume from
+    (run / "resume").mkdir()
+    (run / "resume" / "fedce.pt").write_bytes(b"round 2")
+    resume = resumable(run, expected)
+    assert resume is not None and resume["resume"] is True and resume["dp-epsilon"] == float("inf")
+    assert resume["output-dir"] == str(tmp_path.resolve()) and resume["run-name"] == run.name
+    assert resumable(run, {**expected, "tau": 0.3}) is None  # another config: started afresh
+    assert resumable(run, {**expected, "fedce-rounds": 30}) is None
+    record("completed")
+    assert resumable(run, expected) is None  # finished: reused, not resumed
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -16,9 +16,11 @@ import os
 import re
 import selectors
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -192,6 +194,26 @@ def write_run_config(merged: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(merged))
     return path
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` like Ctrl-C raises ``KeyboardInterrupt``.
+
+    A plain ``kill`` of a launcher would otherwise end Python without running
+    any ``finally``, leaving its SuperLink and Ray behind; with this, the
+    cleanup of :func:`local_superlink` runs. The previous handler is restored
+    on leaving. Signal handlers belong to the main thread: elsewhere this does
+    nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -14,8 +14,11 @@ writes into ``<output-dir>/<name>/``:
 - ``reproduce.json``: the numbers behind all of it.
 
 A run folder whose ``results.json`` says ``completed`` with the same seed
-and tau is reused, not rerun: an interrupted reproduction picks up where it
-stopped, and the tables can be redrawn with ``--tables-only``.
+and tau is reused, not rerun, and the tables can be redrawn with
+``--tables-only``. A run that was killed part-way (``kill``, a session's end,
+a crash) with the same config is resumed from its per-round checkpoints
+(as ``nmoe-run --resume`` does), so a reproduction longer than one sitting
+adds up over several invocations.
 """
 
 from __future__ import annotations
@@ -55,6 +58,26 @@ def finished_with(results: Path, **expected: object) -> bool:
     return data.get("run", {}).get("status") == "completed" and all(
         key in cfg and cfg[key] == value for key, value in expected.items()
     )
+
+
+def resumable(run_dir: Path, expected: Mapping[str, object]) -> dict | None:
+    """The config to resume ``run_dir`` with, if it is an unfinished run with checkpoints whose
+    recorded config has every ``expected`` value (``output-dir`` aside: the folder says where); else ``None``.
+
+    A completed run, a folder without ``resume/*.pt`` or one of another config
+    is not resumed (the caller starts that point afresh).
+    """
+    from ..pipelines.resume import RESUME_DIR
+    from .run import resume_config
+
+    results = run_dir / "results.json"
+    if not results.is_file() or not any((run_dir / RESUME_DIR).glob("*.pt")):
+        return None
+    if json.loads(results.read_text()).get("run", {}).get("status") == "completed":
+        return None
+    config = resume_config(run_dir)  # recorded config, non-finite floats restored
+    same = all(config.get(key) == value for key, value in expected.items() if key not in ("output-dir", "resume"))
+    return config if same else None
 
 
 def completed(results: Path, seed: int, tau: float) -> bool:
@@ -120,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the missing (seed, tau) points, then write the tables and plots."""
     from ..config import ConfigError
     from ..pipelines.plots import metric_vs_tau
-    from .flwr_process import merged_run_config, validated_run_config
+    from .flwr_process import merged_run_config, validated_run_config, write_run_config
     from .run import launch
 
     parser = argparse.ArgumentParser(prog="nmoe-reproduce", description=__doc__,
@@ -157,9 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.tables_only:
             print(f"[{i}/{len(points)}] {name}: not finished, left out", flush=True)
             continue
-        print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g} -> {root / name} ===", flush=True)
-        status, record = launch(args.app, args.run_config, flwr_home=args.flwr_home, extra_env=env,
-                                overrides=[*args.set, f'seed={seed} tau={tau} run-name="{name}"'])
+        point = f'seed={seed} tau={tau} run-name="{name}"'
+        resume = resumable(root / name, merged_run_config(args.run_config, [*args.set, point]))
+        if resume is not None:
+            print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g}: resuming {root / name} ===", flush=True)
+            flwr_home = (args.flwr_home or args.app / ".flwr").resolve()
+            config_file = write_run_config(resume, flwr_home / f"resume-{name}.toml")
+            status, record = launch(args.app, str(config_file), flwr_home=args.flwr_home, extra_env=env)
+        else:
+            print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g} -> {root / name} ===", flush=True)
+            status, record = launch(args.app, args.run_config, flwr_home=args.flwr_home, extra_env=env,
+                                    overrides=[*args.set, point])
         if status != "finished:completed":
             print(f"{name}: run {status}: {record.get('status-details', '')}", file=sys.stderr)
             return 1

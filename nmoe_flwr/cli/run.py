@@ -37,6 +37,7 @@ from .flwr_process import (
     offline_env,
     run_config_value,
     run_status,
+    sigterm_exits,
     stream_flwr_run,
     validated_run_config,
     write_run_config,
@@ -84,7 +85,8 @@ def launch(
     elif run_config:
         cmd += ["--run-config", run_config]
     t0 = time.perf_counter()
-    with local_superlink(env, flwr_home / "superlink") as link_env:
+    # sigterm_exits: a `kill` of whichever command called this still stops the SuperLink and Ray.
+    with sigterm_exits(), local_superlink(env, flwr_home / "superlink") as link_env:
         run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
         if code == TIMEOUT_EXIT_CODE:
             return "timed-out", {"status": "timed-out", "run-id": run_id, "status-details": f"no result within {timeout:g} s"}

@@ -16,7 +16,9 @@ the table also shows.
 on the extractor that stage 1 trained with seed s (the whole pipeline over
 seeds). The first variant's runs also probe the extractor on the pooled data
 (test sets; kNN, linear and MLP beside raw pixels and random init), and the
-table gets those probes as well.
+table gets those probes as well. A run folder that already holds a completed
+run of the same extractor, seed and gate keys is reused, so an interrupted
+ablation resumes where it stopped and a rerun only redraws the table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from nmoe_flwr.cli.reproduce import fmt
+from nmoe_flwr.cli.reproduce import finished_with, fmt
 from nmoe_flwr.cli.run import launch
 from nmoe_flwr.workspace import output_root
 
@@ -96,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no extractor at {', '.join(missing)}")
 
+    def extractor(seed: int) -> str:
+        return str(Path(args.extractor.format(seed=seed)).resolve())
+
     def base(seed: int) -> str:
-        path = Path(args.extractor.format(seed=seed)).resolve()
-        return f'extractor-checkpoint="{path}" local-baseline=false centralized-baseline=false'
+        return f'extractor-checkpoint="{extractor(seed)}" local-baseline=false centralized-baseline=false'
 
     table: dict[str, dict] = {}
     variants = list(VARIANTS.items())
@@ -110,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{args.name}-{list(VARIANTS).index(label)}-s{seed}"
             print(f"\n=== {label}, seed {seed} ===", flush=True)
             # The probes and router ceiling depend on the extractor and the seed only: once per seed.
-            probe = f"pooled-probe={'true' if not table else 'false'}"
-            status, record = launch(
-                Path("."), args.run_config, overrides=[base(seed), probe, f'seed={seed} run-name="{name}"', as_overrides(overrides)]
-            )
-            if status != "finished:completed":
-                print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)
-                return 1
+            probe = not table
+            expected = {"seed": seed, "extractor-checkpoint": extractor(seed), "pooled-probe": probe, **overrides}
+            if finished_with(root / name / "results.json", **expected):
+                print(f"reusing {root / name} (completed, same extractor, seed and gate keys)", flush=True)
+            else:
+                status, record = launch(Path("."), args.run_config, overrides=[
+                    base(seed), f"pooled-probe={json.dumps(probe)}", f'seed={seed} run-name="{name}"', as_overrides(overrides),
+                ])
+                if status != "finished:completed":
+                    print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)
+                    return 1
             data = json.loads((root / name / "results.json").read_text())
             runs.append({"results": data["results"], "train": last_gate_round(root / name),
                          "probes": data["stages"].get("pooled-probe", {})})

@@ -52,3 +52,10 @@ def test_bad_rule_or_slack_fails_before_any_run(capsys):
     assert exc.value.code == 2 and "fastest" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--slacks", "0.5"])
+
+
+def test_a_bad_override_fails_before_any_run(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--set", 'assignment="fastest"'])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("nmoe-compare-alignment: ") and "assignment" in err

@@ -118,8 +118,14 @@ def test_tables_only_summarizes_finished_runs(tmp_path: Path, capsys):
     assert (summary / "macro_f1_vs_tau.png").is_file() and (summary / "routed_vs_tau.png").is_file()
 
 
-def test_a_bad_key_stops_the_reproduction_before_any_run(capsys):
+@pytest.mark.parametrize(("override", "message"), [
+    ("fedce-round=5", "unknown key 'fedce-round'"),
+    ("run-name=x", 'cannot parse "run-name=x"'),  # an unquoted string: named, not a traceback
+])
+def test_a_bad_override_stops_the_reproduction_before_any_run(capsys, override, message):
     from nmoe_flwr.cli.reproduce import main
 
-    assert main(["--run-config", "configs/smoke.toml", "--set", "fedce-round=5"]) == 2
-    assert "unknown key 'fedce-round'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--run-config", "configs/smoke.toml", "--set", override])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("nmoe-reproduce: ") and message in err

@@ -30,10 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..algorithms.alignment import RULES
-from ..config import ConfigError
 from ..pipelines.plots import accuracy_curves
 from ..workspace import output_root
-from .flwr_process import merged_run_config, validated_run_config
+from .flwr_process import checked_run_config
 from .reproduce import finished_with, fmt
 from .run import launch
 
@@ -130,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 1 for s in slacks):
         parser.error(f"--slacks {args.slacks}: every load-cap slack must be >= 1 (the cap is ceil(slack * sum c_i / E))")
     seeds = [int(s) for s in _numbers(args.seeds)]
-    base = merged_run_config(args.run_config, args.set)
-    try:  # a bad key or value fails here, naming it, before the first of several runs starts
-        validated_run_config(args.app.resolve(), base)
-    except ConfigError as exc:
-        print(f"nmoe-compare-alignment: {exc}", file=sys.stderr)
-        return 2
+    base = checked_run_config(parser.prog, args.app, args.run_config, args.set)
     root = output_root(str(base.get("output-dir", "")))
     name = str(base.get("run-name") or "alignment")
     folder = root / name

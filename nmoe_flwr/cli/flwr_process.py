@@ -307,6 +307,23 @@ def validated_run_config(app: Path, merged: dict):
     return parse_run_config({**defaults, **merged})
 
 
+def checked_run_config(prog: str, app: Path, run_config: str | None, overrides: list[str]) -> dict:
+    """:func:`merged_run_config`, validated by :func:`validated_run_config`, for a
+    launcher of several runs: a bad override string, key or value ends the
+    command at once (``<prog>: <reason>`` on stderr, exit status 2) instead of
+    failing the first of many runs, or the tenth.
+    """
+    from ..config import ConfigError
+
+    try:
+        merged = merged_run_config(run_config, overrides)
+        validated_run_config(app.resolve(), merged)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return merged
+
+
 def run_config_value(app: Path, merged: dict, key: str) -> object:
     """A key of the effective run config: the override, else the app's default."""
     if key in merged:

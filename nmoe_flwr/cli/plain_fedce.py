@@ -92,7 +92,7 @@ def fedce_plain(
 def config_from(preset: str | None, overrides: list[str]) -> RunConfig:
     """Defaults of pyproject.toml (if found) + a preset TOML + ``key=value`` overrides.
 
-    Deliberately not :func:`nmoe_flwr.launcher.merged_run_config`, which uses
+    Deliberately not :func:`nmoe_flwr.cli.flwr_process.merged_run_config`, which uses
     flwr's parser: this path must run where ``flwr`` is not installed.
     """
     from pathlib import Path

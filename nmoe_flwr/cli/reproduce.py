@@ -141,9 +141,8 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the missing (seed, tau) points, then write the tables and plots."""
-    from ..config import ConfigError
     from ..pipelines.plots import metric_vs_tau
-    from .flwr_process import merged_run_config, validated_run_config, write_run_config
+    from .flwr_process import checked_run_config, merged_run_config, write_run_config
     from .run import launch
 
     parser = argparse.ArgumentParser(prog="nmoe-reproduce", description=__doc__,
@@ -159,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
     args = parser.parse_args(argv)
 
-    base = merged_run_config(args.run_config, args.set)
-    try:  # a bad key or value fails here, naming it, before the first of many runs starts
-        validated_run_config(args.app.resolve(), base)
-    except ConfigError as exc:
-        print(f"nmoe-reproduce: {exc}", file=sys.stderr)
-        return 2
+    base = checked_run_config(parser.prog, args.app, args.run_config, args.set)
     root = output_root(str(base.get("output-dir", "")))
     preset_tau = float(base.get("tau", 0.1))
     seeds = [int(s) for s in _floats(args.seeds)]

@@ -131,7 +131,7 @@ def train_gate(
     """
     if cfg.gate_logit_adjust > 0:
         gate.log_prior.copy_(cfg.gate_logit_adjust * routing_log_prior(probs, labels))
-    if present is not None:
+    if present is not None:  # (again, if the caller masked: the adjustment above overwrote log_prior)
         mask_missing(gate, present)
     opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
     start = (server_round - 1) / num_rounds

@@ -58,4 +58,5 @@ def test_a_bad_override_fails_before_any_run(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--set", 'assignment="fastest"'])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("nmoe-compare-alignment: ") and "assignment" in err
+    assert exc.value.code == 2 and err.startswith("nmoe-compare-alignment: ")
+    assert "'assignment'" in err and "fastest" in err and "'load-balanced'" in err  # key, value, what is allowed

@@ -98,3 +98,21 @@ def test_resume_config_is_the_recorded_one_set_to_resume_in_place(tmp_path, caps
     assert "--resume takes the folder of a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--resume", str(folder), "--set", "seed=1"])
+
+
+def test_the_expert_bank_checkpoint_reads_back_through_the_weights_only_loader(tmp_path):
+    """Stage 2's support vectors are numpy arrays, which ``torch.load(weights_only=True)`` refuses:
+    a run killed after stage 2 could not resume until they were stored as tensors."""
+    import numpy as np
+
+    from nmoe_flwr.pipelines.resume import BANK_STAGE, load_bank, save_bank
+
+    checkpoint = StageCheckpoint(tmp_path, BANK_STAGE)
+    assert load_bank(checkpoint) is None
+    bank = {0: {"w": torch.ones(2, 3)}, 3: {"w": torch.zeros(2, 3)}}
+    support = {0: np.array([900, 12, 11], dtype=np.int64), 3: np.array([11, 900, 12], dtype=np.int64)}
+    save_bank(checkpoint, bank, support)
+    got_bank, got_support = load_bank(checkpoint)
+    assert sorted(got_bank) == [0, 3] and torch.equal(got_bank[3]["w"], torch.zeros(2, 3))
+    assert {pid: s.tolist() for pid, s in got_support.items()} == {0: [900, 12, 11], 3: [11, 900, 12]}
+    assert all(isinstance(s, np.ndarray) and s.dtype == np.int64 for s in got_support.values())

@@ -51,7 +51,7 @@ from .extractor import train_extractor
 from .messaging import Federation, metrics_of, weights_message
 from .probes import pooled_probes
 from .results import RunRecorder
-from .resume import BANK_STAGE, StageCheckpoint
+from .resume import BANK_STAGE, StageCheckpoint, load_bank, save_bank
 
 GATE_SHARED_PREFIXES = {
     "fedgate": (GATE_SHARED_PREFIX,),
@@ -112,17 +112,17 @@ def train_experts(
         samples per class}`` (what :func:`~nmoe_flwr.algorithms.candidates.choose_candidates` reads).
     """
     checkpoint = StageCheckpoint(rec.folder, BANK_STAGE)
-    saved = checkpoint.load() if fed.cfg.resume and rec.has("results", "personalized-expert") else None
+    saved = load_bank(checkpoint) if fed.cfg.resume and rec.has("results", "personalized-expert") else None
     if saved is not None:  # the clients still hold their cached latents on disk
-        log(INFO, "Expert bank of %d experts taken from %s (stage 2 skipped)", len(saved["bank"]), checkpoint.path)
-        return dict(saved["bank"]), dict(saved.get("support") or {})
+        log(INFO, "Expert bank of %d experts taken from %s (stage 2 skipped)", len(saved[0]), checkpoint.path)
+        return saved
     missing: dict[int, str] = {}
     replies = rec.timed("stage2-experts", lambda: fed.broadcast(weights_message(extractor), MSG_EXPERT, missing))
     bank = {pid: from_record(reply[ARRAYS]) for pid, reply in replies.items()}
     metrics = metrics_of(replies)
     support = {pid: class_support(m, fed.num_classes) for pid, m in metrics.items()}
     metrics = {pid: {k: v for k, v in m.items() if not k.startswith(CLASS_SUPPORT_PREFIX)} for pid, m in metrics.items()}
-    checkpoint.save(bank=bank, support=support)
+    save_bank(checkpoint, bank, support)
     own = {pid: strip_prefix(m, EXPERT_METRIC_PREFIX) for pid, m in metrics.items()}
     # A lost expert is left out of the bank: the gates mask it and routing never picks it.
     rec.stage_details("experts", {"per-client": {str(k): v for k, v in metrics.items()},

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 RESUME_DIR = "resume"
@@ -61,3 +62,20 @@ class StageCheckpoint:
         if not self.path.exists():
             return None
         return torch.load(self.path, weights_only=True)
+
+
+def save_bank(checkpoint: StageCheckpoint, bank: dict[int, dict], support: dict[int, np.ndarray]) -> None:
+    """Write stage 2's expert bank and per-client class support.
+
+    The support vectors are stored as tensors: the weights-only loader of
+    :meth:`StageCheckpoint.load` refuses numpy arrays.
+    """
+    checkpoint.save(bank=bank, support={pid: torch.from_numpy(np.asarray(s)) for pid, s in support.items()})
+
+
+def load_bank(checkpoint: StageCheckpoint) -> tuple[dict[int, dict], dict[int, np.ndarray]] | None:
+    """``(bank, support)`` as :func:`save_bank` got them, or ``None`` if none was saved."""
+    saved = checkpoint.load()
+    if saved is None:
+        return None
+    return dict(saved["bank"]), {pid: s.numpy() for pid, s in (saved.get("support") or {}).items()}

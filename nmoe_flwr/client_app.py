@@ -128,6 +128,13 @@ def _stage_round(config: ConfigRecord) -> int:
     return int(config[SERVER_ROUND]) + int(config.get(ROUND_OFFSET, 0))
 
 
+def _carries_over(env: ClientEnv, stage_round: int | None = None) -> bool:
+    """Whether local layers saved by the killed run this one resumes count as
+    this run's: on a resume, except in a stage's first round (which starts from
+    the initialisation, as in an uninterrupted run). ``None``: not a training round."""
+    return env.cfg.resume and (stage_round is None or stage_round > 1)
+
+
 def _prefixes(msg: Message) -> list[str]:
     return [str(p) for p in msg.content[CONFIG].get(SHARED_PREFIXES, [])]
 
@@ -171,7 +178,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
     rnd, num_rounds = _stage_round(config), int(config[NUM_ROUNDS])
     inject(env.cfg, env.partition_id, "fedce", rnd)
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store, _carries_over(env, rnd))
     model = env.runtime.prepare(model)
     stats = fedce.train_classifier(
         model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
@@ -189,7 +196,7 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store, _carries_over(env))
     model = env.runtime.prepare(model)
     metrics = _on_tests(split, lambda _, data: _classifier_scores(env, model, data))
     return _reply(msg, {NUM_EXAMPLES: len(split.test), PARTITION_ID: env.partition_id, **metrics})
@@ -294,7 +301,8 @@ def _has_trained_head(msg: Message, context: Context, env: ClientEnv) -> bool:
     server (sent with the extractor) or kept local (``context.state``, or its
     disk after the node restarted)."""
     sent = any(k.startswith(HEAD_PREFIX) for k in msg.content[ARRAYS])
-    kept = context.state[LOCAL_FEDCE] if LOCAL_FEDCE in context.state else env.store.local(LOCAL_FEDCE, context.run_id)
+    kept = (context.state[LOCAL_FEDCE] if LOCAL_FEDCE in context.state
+            else env.store.local(LOCAL_FEDCE, context.run_id, _carries_over(env)))
     return sent or any(k.startswith(HEAD_PREFIX) for k in (kept or {}))
 
 
@@ -305,7 +313,7 @@ def train_expert(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store)
+    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store, _carries_over(env))
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
@@ -411,11 +419,13 @@ def _frozen_bank(env: ClientEnv, num_classes: int) -> list[nn.Module | None]:
     return experts.frozen_bank(env.store.bank(), env.cfg.num_clients, env.cfg.mlp_hidden, num_classes, env.runtime)
 
 
-def _gate(env: ClientEnv, msg: Message, context: Context, bank: list[nn.Module | None]) -> nn.Module:
-    """This client's gate: the server's shared layers over its own local ones;
-    experts missing from ``bank`` are masked."""
+def _gate(
+    env: ClientEnv, msg: Message, context: Context, bank: list[nn.Module | None], stage_round: int | None = None
+) -> nn.Module:
+    """This client's gate: the server's shared layers over its own local ones
+    (``stage_round``: see :func:`_carries_over`); experts missing from ``bank`` are masked."""
     g = gate.new_gate(env.cfg.mlp_hidden, env.cfg.num_clients, derive_seed(env.cfg.seed, "gate-init"))
-    load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE, env.store)
+    load_partial(g, msg.content[ARRAYS], context, LOCAL_GATE, env.store, _carries_over(env, stage_round))
     return env.runtime.prepare(gate.mask_missing(g, gate.available(bank)))
 
 
@@ -435,7 +445,7 @@ def train_gate(msg: Message, context: Context) -> Message:
     own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 and bank[env.partition_id] is not None else None
     if own_oof is not None:
         probs[:, env.partition_id] = own_oof.to(probs.device)
-    g = _gate(env, msg, context, bank)
+    g = _gate(env, msg, context, bank, rnd)
     labels = split.train.labels.to(rt.device)
     stats = gate.train_gate(
         g, latents, labels, probs, env.cfg, rt, server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),

@@ -144,16 +144,18 @@ class ClientStore:
         """Keep the entries that never leave this client (a copy of ``context.state[key]``) for run ``run_id``."""
         self._save(f"{key}.pt", {"run-id": run_id, "state": {k: v.detach().cpu() for k, v in state.items()}})
 
-    def local(self, key: str, run_id: int) -> dict[str, Tensor] | None:
-        """The entries :meth:`save_local` kept for this very run, or ``None``.
+    def local(self, key: str, run_id: int, resumed: bool = False) -> dict[str, Tensor] | None:
+        """The entries :meth:`save_local` kept for this run, or ``None``.
 
-        Only the same run's: a later run under the same run name must not
-        start from an earlier run's local layers.
+        Only this run's, unless ``resumed``: a later run under the same run
+        name must not start from an earlier run's local layers, but a run that
+        resumes a killed one (a new Flower run id, the same run folder) must,
+        or its gates lose their local layers and log-prior offset.
         """
         if not (self.folder / f"{key}.pt").exists():
             return None
         blob = self._load(f"{key}.pt")
-        return blob["state"] if blob["run-id"] == run_id else None
+        return blob["state"] if resumed or blob["run-id"] == run_id else None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -239,11 +241,15 @@ def load_partial(
     context: Context | None = None,
     state_key: str = "",
     store: ClientStore | None = None,
+    resumed: bool = False,
 ) -> None:
     """Load the server's entries over ``model``, then this client's local ones
     kept in ``context.state[state_key]`` (if a context is given and it has any yet),
     else those ``store`` kept for this run (a SuperNode restarted after a crash
-    has an empty ``context.state`` but the same disk and run).
+    has an empty ``context.state`` but the same disk and run), or, if
+    ``resumed``, for the killed run this one continues (:meth:`ClientStore.local`).
+    Where both have an entry the server's wins: a stale local file can never
+    override what the server sent.
 
     Raises
     ------
@@ -255,11 +261,11 @@ def load_partial(
     if context is not None and state_key in context.state:
         local = from_record(context.state[state_key])
     elif store is not None and context is not None:
-        local = store.local(state_key, context.run_id) or {}
+        local = store.local(state_key, context.run_id, resumed) or {}
     unknown = set(received) - set(model.state_dict())
     if unknown:
         raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
-    model.load_state_dict({**model.state_dict(), **received, **local})
+    model.load_state_dict({**model.state_dict(), **local, **received})
 
 
 def split_partial(

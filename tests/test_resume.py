@@ -116,3 +116,47 @@ def test_the_expert_bank_checkpoint_reads_back_through_the_weights_only_loader(t
     assert sorted(got_bank) == [0, 3] and torch.equal(got_bank[3]["w"], torch.zeros(2, 3))
     assert {pid: s.tolist() for pid, s in got_support.items()} == {0: [900, 12, 11], 3: [11, 900, 12]}
     assert all(isinstance(s, np.ndarray) and s.dtype == np.int64 for s in got_support.values())
+
+
+def test_a_run_resumed_after_the_gates_trained_evaluates_with_their_local_layers(tiny_run_config, tmp_path):
+    """A resume is a new Flower run id on the same run folder. The gates' local part (here the
+    log-prior offset of ``gate-logit-adjust``) must come back from the clients' disks, or NMoE is
+    scored with prior-free gates: this happened to a seed of nmoe-reproduce resumed after stage 3."""
+    import json
+
+    from nmoe_flwr.constants import MSG_EVAL_NMOE
+    from nmoe_flwr.pipelines.messaging import weights_message
+    from nmoe_flwr.pipelines.nmoe import train_experts, train_gates
+    from nmoe_flwr.pipelines.results import RunRecorder
+    from nmoe_flwr.records import to_record
+
+    run_config = {**tiny_run_config, "num-clients": 3, "gate-rounds": 2, "expert-epochs": 2,
+                  "gate-method": "fedavg", "gate-logit-adjust": 1.0}
+    cfg = parse_run_config(run_config)
+
+    def federation(config, run_id):
+        grid = InProcessGrid(client_app.app, config, num_nodes=3, run_id=run_id)  # fresh contexts
+        return Federation(grid, parse_run_config(config), {n: i for i, n in enumerate(grid.get_node_ids())}, 1, 10)
+
+    def saved_priors():
+        folder = tmp_path / "out" / "tiny" / "checkpoints"
+        return [torch.load(folder / f"client-{pid}" / "gate.pt", weights_only=True)["log_prior"] for pid in range(3)]
+
+    fed = federation(run_config, run_id=1)
+    rec = RunRecorder(tmp_path / "run", cfg.to_dict(), run_id=1)
+    init = new_classifier(dataset_spec(cfg.dataset).pixel_stats, 10, cfg.mlp_hidden, derive_seed(cfg.seed, "c"))
+    bank, support = train_experts(fed, rec, to_record(init.state_dict()))
+    gate = train_gates(fed, rec, bank, support)
+    before = fed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE)
+    priors = saved_priors()
+    assert all(p.abs().sum() > 0 for p in priors)  # the offset is on, and local to each client
+
+    resumed = federation({**run_config, "resume": True}, run_id=2)
+    after = resumed.broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE)
+    assert json.dumps(after, sort_keys=True) == json.dumps(before, sort_keys=True)
+    for p, q in zip(saved_priors(), priors):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    # A later run that does not resume must not pick up this run's local layers.
+    federation(run_config, run_id=3).broadcast_metrics(weights_message(gate), MSG_EVAL_NMOE)
+    assert all(torch.count_nonzero(p) == 0 for p in saved_priors())

@@ -18,9 +18,11 @@ with ``resume = true``; the server then
 
 Rounds continue with their original numbers (config key ``round-offset``), so
 learning-rate schedules and per-round seeds are those of an uninterrupted run.
-State a client keeps only in memory (a local FedCE head with
-``fedce-average-head = false``, FedGate's local decision layer) restarts from
-its initialisation after a resume.
+The layers a client keeps local (a FedCE head with ``fedce-average-head =
+false``, FedGate's decision layer, every gate's log-prior offset) come back
+from the client's disk, where the killed run left them after its last round
+(:meth:`~nmoe_flwr.client_state.ClientStore.local` with ``resumed``); a
+client whose disk is gone starts them from their initialisation.
 """
 
 from __future__ import annotations

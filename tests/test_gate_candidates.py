@@ -92,3 +92,24 @@ def test_stages_2_and_3_with_candidates_and_half_the_clients_per_round(tiny_run_
         saved = torch.load(tmp_path / "out" / "tiny" / "checkpoints" / f"client-{pid}" / "gate.pt", weights_only=True)
         reachable = torch.isfinite(saved["log_prior"]).nonzero().flatten().tolist()
         assert reachable == candidates[pid]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_bank_without_recorded_class_support_goes_whole_to_every_client(tiny_run_config, tmp_path):
+    """``gate-candidates`` needs each expert's class support; a bank resumed from a run that did not record
+    it cannot pick specialists, so every client gets the whole bank (and the run says so) instead of failing."""
+    from nmoe_flwr.algorithms.experts import new_expert
+    from nmoe_flwr.pipelines.nmoe import send_bank
+
+    run_config = {**tiny_run_config, "num-clients": 4, "gate-candidates": 2}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(client_app.app, run_config, num_nodes=4)
+    fed = Federation(grid, cfg, {node: i for i, node in enumerate(grid.get_node_ids())}, 1, 10)
+    rec = RunRecorder(tmp_path / "run", cfg.to_dict(), run_id=1)
+    bank = {j: new_expert(10, cfg.mlp_hidden, seed=j).state_dict() for j in range(4)}
+    send_bank(fed, rec, bank, support={})
+    rec.save()
+    for pid in range(4):
+        stored = torch.load(tmp_path / "out" / "tiny" / "clients" / str(pid) / "bank.pt", weights_only=True)
+        assert sorted(stored) == [0, 1, 2, 3]
+    assert "gate-candidates" not in json.loads((tmp_path / "run" / "results.json").read_text()).get("stages", {})

@@ -22,7 +22,10 @@ The layers a client keeps local (a FedCE head with ``fedce-average-head =
 false``, FedGate's decision layer, every gate's log-prior offset) come back
 from the client's disk, where the killed run left them after its last round
 (:meth:`~nmoe_flwr.client_state.ClientStore.local` with ``resumed``); a
-client whose disk is gone starts them from their initialisation.
+client whose disk is gone starts them from their initialisation, and one
+that replied in the round the server did not get to checkpoint has them one
+round ahead (harmless for the default gate, whose only local entry, the prior
+offset, is recomputed every round).
 """
 
 from __future__ import annotations

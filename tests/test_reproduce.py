@@ -51,6 +51,9 @@ def test_tau_table_has_a_column_per_tau():
     md = tau_table({0.1: summarize([_results(0.9, 0.6)]), 0.5: summarize([_results(0.8, 0.75)])})
     assert md.splitlines()[0] == "| method | tau = 0.1 | tau = 0.5 |"
     assert "| 0.600 | 0.750 |" in md
+    routed = tau_table({0.1: summarize([_results(0.9, 0.6, 0.1)]), 0.5: summarize([_results(0.8, 0.75, 0.4)])},
+                       "routed-to-neighbour")
+    assert routed.splitlines()[2:] == ["| NMoE (top-k over all experts) | 0.100 | 0.400 |"]  # no all-"-" rows
 
 
 def test_completed_needs_status_seed_and_tau(tmp_path: Path):

@@ -123,11 +123,11 @@ def seeds_table(summary: Mapping[str, Mapping[str, list[float]]]) -> str:
 
 
 def tau_table(by_tau: Mapping[float, Mapping[str, Mapping[str, list[float]]]], key: str = MACRO_F1) -> str:
-    """Markdown: one row per method, one column per tau, the metric ``key`` (one seed per tau)."""
+    """Markdown: one row per method that reports ``key`` at some tau, one column per tau (one seed per tau)."""
     from ..pipelines.results import METHODS
 
     taus = sorted(by_tau)
-    methods = list(dict.fromkeys(m for t in taus for m in by_tau[t]))
+    methods = list(dict.fromkeys(m for t in taus for m, metrics in by_tau[t].items() if key in metrics))
     lines = ["| method | " + " | ".join(f"tau = {t:g}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
     for method in methods:
         cells = [fmt(by_tau[t].get(method, {}).get(key, [])) for t in taus]

@@ -118,6 +118,19 @@ def test_the_expert_bank_checkpoint_reads_back_through_the_weights_only_loader(t
     assert all(isinstance(s, np.ndarray) and s.dtype == np.int64 for s in got_support.values())
 
 
+def test_a_checkpoint_the_loader_would_refuse_is_refused_at_save_and_the_last_good_round_kept(tmp_path):
+    """Found at save time, not when a killed run tries to resume: numpy in a checkpoint raises,
+    and the previous round's file stays readable."""
+    import numpy as np
+
+    checkpoint = StageCheckpoint(tmp_path, "fedce")
+    checkpoint.save(round=1, arrays={"w": torch.ones(2)})
+    with pytest.raises(TypeError, match="weights_only"):
+        checkpoint.save(round=2, arrays={"w": np.ones(2)})
+    assert checkpoint.load()["round"] == 1
+    assert not list(checkpoint.path.parent.glob("*.tmp"))
+
+
 def test_a_run_resumed_after_the_gates_trained_evaluates_with_their_local_layers(tiny_run_config, tmp_path):
     """A resume is a new Flower run id on the same run folder. The gates' local part (here the
     log-prior offset of ``gate-logit-adjust``) must come back from the clients' disks, or NMoE is

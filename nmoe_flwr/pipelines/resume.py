@@ -31,6 +31,7 @@ offset, is recomputed every round).
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,28 @@ class StageCheckpoint:
         self.path = run_folder / RESUME_DIR / f"{stage}.pt"
 
     def save(self, **state: Any) -> None:
-        """Write ``state`` (tensors, dicts, numbers) atomically."""
+        """Write ``state`` (tensors, dicts, lists, numbers, strings) atomically.
+
+        Raises
+        ------
+        TypeError
+            If :meth:`load` could not read ``state`` back (e.g. it holds numpy
+            arrays, which the weights-only loader refuses); the previous
+            checkpoint is then left as it was.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
+        # Read it back before it replaces the last good round: a checkpoint
+        # that only fails when a killed run resumes is found far too late.
+        try:
+            torch.load(tmp, weights_only=True)
+        except pickle.UnpicklingError as err:
+            tmp.unlink()
+            raise TypeError(
+                f"checkpoint {self.path.name}: state with keys {sorted(state)} is not loadable with "
+                f"weights_only=True (store tensors, not numpy arrays or objects): {err}"
+            ) from err
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:

@@ -296,14 +296,11 @@ def _freeze_extractor(env: ClientEnv, split: ClientSplits, model: nn.Module) -> 
     return latents
 
 
-def _has_trained_head(msg: Message, context: Context, env: ClientEnv) -> bool:
+def _has_trained_head(msg: Message, kept: dict[str, torch.Tensor]) -> bool:
     """Whether stage 1 left this client a classifier head: averaged by the
-    server (sent with the extractor) or kept local (``context.state``, or its
-    disk after the node restarted)."""
-    sent = any(k.startswith(HEAD_PREFIX) for k in msg.content[ARRAYS])
-    kept = (context.state[LOCAL_FEDCE] if LOCAL_FEDCE in context.state
-            else env.store.local(LOCAL_FEDCE, context.run_id, _carries_over(env)))
-    return sent or any(k.startswith(HEAD_PREFIX) for k in (kept or {}))
+    server (sent with the extractor) or kept local (``kept``: the local entries
+    :func:`load_partial` found in ``context.state`` or, after a node restart, on disk)."""
+    return any(k.startswith(HEAD_PREFIX) for k in [*msg.content[ARRAYS], *kept])
 
 
 @app.train(_name(MSG_EXPERT))
@@ -313,14 +310,14 @@ def train_expert(msg: Message, context: Context) -> Message:
     env = ClientEnv.of(context)
     split = env.splits()
     model = _classifier(env, split)
-    load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store, _carries_over(env))
+    kept = load_partial(model, msg.content[ARRAYS], context, LOCAL_FEDCE, env.store, _carries_over(env))
     model = env.runtime.prepare(model)
     rt, cfg = env.runtime, env.cfg
     latents = _freeze_extractor(env, split, model)
     # After the latents are cached: a client whose expert is lost still routes (to the others' experts).
     inject(env.cfg, env.partition_id, "expert", 0)
     head = strip_prefix(model.state_dict(), HEAD_PREFIX)
-    has_head = _has_trained_head(msg, context, env)
+    has_head = _has_trained_head(msg, kept)
     from_head = cfg.expert_init == "head" or (cfg.expert_init == "auto" and has_head)
     if cfg.expert_init == "head" and not has_head:
         raise ValueError("expert-init = 'head' but stage 1 left this client no head (FedSC, or a saved extractor without head.pt); use 'auto' or 'scratch'")

@@ -242,7 +242,7 @@ def load_partial(
     state_key: str = "",
     store: ClientStore | None = None,
     resumed: bool = False,
-) -> None:
+) -> dict[str, Tensor]:
     """Load the server's entries over ``model``, then this client's local ones
     kept in ``context.state[state_key]`` (if a context is given and it has any yet),
     else those ``store`` kept for this run (a SuperNode restarted after a crash
@@ -250,6 +250,12 @@ def load_partial(
     ``resumed``, for the killed run this one continues (:meth:`ClientStore.local`).
     Where both have an entry the server's wins: a stale local file can never
     override what the server sent.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The local entries found (empty if none): callers that ask what stage 1
+        left locally read them here instead of from disk a second time.
 
     Raises
     ------
@@ -266,6 +272,7 @@ def load_partial(
     if unknown:
         raise ValueError(f"server sent unknown parameters {sorted(unknown)[:5]}")
     model.load_state_dict({**model.state_dict(), **local, **received})
+    return local
 
 
 def split_partial(

@@ -21,6 +21,7 @@ from nmoe_flwr.constants import (
     HEAD_PREFIX,
     METRICS,
     MSG_EVAL_CLASSIFIER,
+    MSG_EXPERT,
     MSG_FEDCE,
     MSG_INFO,
     NUM_ROUNDS,
@@ -113,6 +114,24 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum)
     if not average_head:  # each client kept its own head in its Context between messages
         heads = [from_record(grid.contexts[n].state[client_app.LOCAL_FEDCE]) for n in grid.node_ids]
         assert not torch.equal(heads[0]["head.net.6.weight"], heads[1]["head.net.6.weight"])
+
+
+def test_experts_start_from_the_heads_clients_kept_local_and_refuse_to_without_one(run_config):
+    """``expert-init = 'head'`` with ``fedce-average-head = false``: the server sends only the extractor,
+    so stage 2 must find the head each client kept after stage 1; a client that never ran stage 1
+    has none and replies with an error instead of silently starting from scratch."""
+    run_config = {**run_config, "fedce-average-head": False, "expert-init": "head"}
+    state, _, grid = _flower_path(run_config)
+    extractor = to_record({k: v for k, v in state.items() if k.startswith(EXTRACTOR_PREFIX)})
+    replies = grid.send_and_receive([
+        Message(weights_message(extractor), dst_node_id=node, message_type=MSG_EXPERT) for node in grid.node_ids
+    ])
+    assert len(replies) == 2 and not any(r.has_error() for r in replies)
+    fresh = InProcessGrid(client_app.app, {**run_config, "run-name": "no-stage-1"}, num_nodes=2)
+    replies = fresh.send_and_receive([
+        Message(weights_message(extractor), dst_node_id=node, message_type=MSG_EXPERT) for node in fresh.node_ids
+    ])
+    assert len(replies) == 2 and all(r.has_error() and "no head" in r.error.reason for r in replies)
 
 
 def test_weighted_mean_is_fedavg_by_example_count():

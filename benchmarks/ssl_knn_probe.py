@@ -1,7 +1,7 @@
 """Does FedSC's local objective learn useful features? kNN probe vs random init, one process.
 
 Local spectral contrastive training (alpha = 1, no DP, IID Fashion-MNIST images), with
-the extractor's kNN accuracy printed every few epochs next to the random-init baseline.
+the extractor's kNN accuracy printed every few epochs next to the random-init and raw-pixel floors.
 The probe's memory is the training images, its queries 1000 *held-out training* images
 (not the test set: this chooses defaults). A diagnostic for the FedSC results in the
 README (an earlier session measured 0.71 at random init falling to 0.54 after 8 epochs
@@ -54,6 +54,9 @@ def main() -> int:
         h, ht = compute_latents(model.extractor, x, bs, rt), compute_latents(model.extractor, xt, bs, rt)
         return knn_metrics(h, y, ht, yt, 10, cfg.knn_k)["accuracy"]
 
+    # The floor without a network, as in the pooled probe: flattened pixels scaled to [0, 1].
+    raw = knn_metrics(x.flatten(1).float() / 255.0, y, xt.flatten(1).float() / 255.0, yt, 10, cfg.knn_k)["accuracy"]
+    print(f"raw pixels: kNN accuracy {raw:.3f}", flush=True)
     print(f"random init: kNN accuracy {probe():.3f}", flush=True)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()

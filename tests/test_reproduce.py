@@ -103,7 +103,10 @@ def test_tables_only_summarizes_finished_runs(tmp_path: Path, capsys):
     def finished(seed: int, tau: float, f1: float) -> None:
         folder = tmp_path / run_name("rep", seed, tau)
         folder.mkdir()
-        data = {"run": {"status": "completed"}, "config": {"seed": seed, "tau": tau}, "results": _results(0.9, f1, tau)}
+        probe = {"knn-pooled-accuracy": f1 + 0.1, "linear-pooled-accuracy": f1 + 0.2, "mlp-pooled-accuracy": f1 + 0.3}
+        stages = {"pooled-probe": {"train-samples": 10, "raw-pixels": probe, "extractor": probe}}
+        data = {"run": {"status": "completed"}, "config": {"seed": seed, "tau": tau}, "results": _results(0.9, f1, tau),
+                "stages": stages}
         (folder / "results.json").write_text(json.dumps(data))
 
     finished(0, 0.1, 0.6)
@@ -115,9 +118,15 @@ def test_tables_only_summarizes_finished_runs(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "rep-s2-tau0.1: not finished, left out" in out and "rep-s0-tau0.1: finished earlier, reused" in out
     summary = tmp_path / "rep"
-    assert "0.650 ± 0.071" in (summary / "seeds.md").read_text()
+    seeds_md = (summary / "seeds.md").read_text()
+    assert "0.650 ± 0.071" in seeds_md
+    # Probes over the same two seeds (0.6 and 0.7 + 0.3 for MLP); the random-init row was never recorded.
+    assert "| stage-1 extractor | 0.750 ± 0.071 | 0.850 ± 0.071 | 0.950 ± 0.071 | 2 |" in seeds_md
+    assert "| raw pixels (floor) |" in seeds_md and "random-init" not in seeds_md
     assert "| tau = 0.1 | tau = 0.5 |" in (summary / "tau.md").read_text()
-    assert json.loads((summary / "reproduce.json").read_text())["seeds"]["nmoe"]["macro-f1"] == [0.6, 0.7]
+    saved = json.loads((summary / "reproduce.json").read_text())
+    assert saved["seeds"]["nmoe"]["macro-f1"] == [0.6, 0.7]
+    assert saved["probes"]["extractor"]["knn-pooled-accuracy"] == pytest.approx([0.7, 0.8])
     assert (summary / "macro_f1_vs_tau.png").is_file() and (summary / "routed_vs_tau.png").is_file()
 
 

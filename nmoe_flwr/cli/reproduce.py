@@ -7,7 +7,8 @@ writes into ``<output-dir>/<name>/``:
 
 - ``seeds.md``: every method's accuracy and macro-F1 on both test settings
   (same-distribution and IID) and NMoE's routed share, mean ± std over the
-  seeds (sample standard deviation);
+  seeds (sample standard deviation), then the pooled kNN / linear / MLP probes
+  of the stage-1 extractor beside raw pixels and the random-init ResNet20;
 - ``tau.md``: the same per tau, one seed (an anecdote, and labelled so);
 - ``macro_f1_vs_tau.png`` (macro-F1 of every method against tau) and
   ``routed_vs_tau.png`` (share of samples NMoE sends to a neighbour);
@@ -40,6 +41,19 @@ COLUMNS = (
     (IID_PREFIX + ACCURACY, "IID accuracy"),
     (IID_PREFIX + MACRO_F1, "IID macro-F1"),
     (ROUTED_TO_NEIGHBOUR, "routed to neighbours"),
+)
+
+
+# stages.pooled-probe of results.json (pipelines/probes.py): what was probed, and which scores.
+PROBE_FEATURES = (
+    ("raw-pixels", "raw pixels (floor)"),
+    ("random-init", "random-init ResNet20 (floor)"),
+    ("extractor", "stage-1 extractor"),
+)
+PROBE_COLUMNS = (
+    ("knn-pooled-accuracy", "kNN"),
+    ("linear-pooled-accuracy", "linear"),
+    ("mlp-pooled-accuracy", "MLP"),
 )
 
 
@@ -108,6 +122,30 @@ def summarize(runs: Sequence[Mapping]) -> dict[str, dict[str, list[float]]]:
             if values:
                 table.setdefault(method, {})[key] = values
     return table
+
+
+def summarize_probes(stages: Sequence[Mapping]) -> dict[str, dict[str, list[float]]]:
+    """Per probed feature (raw pixels, random init, extractor) and probe, the list of pooled test
+    accuracies over runs; ``stages`` are the ``stages`` sections of results.json files (runs
+    without ``pooled-probe``, e.g. ``pooled-probe = false``, are left out)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for feature, _ in PROBE_FEATURES:
+        for key, _ in PROBE_COLUMNS:
+            values = [float(s["pooled-probe"][feature][key]) for s in stages
+                      if key in s.get("pooled-probe", {}).get(feature, {})]
+            if values:
+                table.setdefault(feature, {})[key] = values
+    return table
+
+
+def probe_table(summary: Mapping[str, Mapping[str, list[float]]]) -> str:
+    """Markdown: one row per probed feature, ``mean ± std`` over seeds per probe."""
+    labels = dict(PROBE_FEATURES)
+    lines = ["| features | " + " | ".join(h for _, h in PROBE_COLUMNS) + " | seeds |", "|---" * (len(PROBE_COLUMNS) + 2) + "|"]
+    for feature, metrics in summary.items():
+        n = max(len(v) for v in metrics.values())
+        lines.append(f"| {labels[feature]} | " + " | ".join(fmt(metrics.get(k, [])) for k, _ in PROBE_COLUMNS) + f" | {n} |")
+    return "\n".join(lines)
 
 
 def seeds_table(summary: Mapping[str, Mapping[str, list[float]]]) -> str:
@@ -191,22 +229,27 @@ def main(argv: list[str] | None = None) -> int:
 
     def results_of(seed: int, tau: float) -> Mapping | None:
         path = root / run_name(args.name, seed, tau) / "results.json"
-        return json.loads(path.read_text())["results"] if completed(path, seed, tau) else None
+        return json.loads(path.read_text()) if completed(path, seed, tau) else None
 
-    by_seed = [r for r in (results_of(s, preset_tau) for s in seeds) if r is not None]
-    by_tau = {t: summarize([r]) for s, t in points if s == args.tau_seed and (r := results_of(s, t)) is not None}
+    runs = [r for r in (results_of(s, preset_tau) for s in seeds) if r is not None]
+    by_seed = [r["results"] for r in runs]
+    probes = summarize_probes([r.get("stages", {}) for r in runs])
+    by_tau = {t: summarize([r["results"]]) for s, t in points if s == args.tau_seed and (r := results_of(s, t)) is not None}
     if not by_seed:
         print("no finished run to summarize", file=sys.stderr)
         return 1
     folder = root / args.name
     folder.mkdir(parents=True, exist_ok=True)
     seeds_md = seeds_table(summarize(by_seed))
+    if probes:
+        seeds_md += ("\n\nPooled probes of the stage-1 extractor and its floors (all clients' data pooled, "
+                     f"test accuracy)\n\n{probe_table(probes)}")
     tau_md = "\n\n".join(f"{label}\n\n{tau_table(by_tau, key)}" for key, label in
                          ((MACRO_F1, "macro-F1"), (IID_PREFIX + MACRO_F1, "IID macro-F1"), (ROUTED_TO_NEIGHBOUR, "routed to neighbours")))
     (folder / "seeds.md").write_text(f"tau = {preset_tau:g}, seeds {args.seeds} (mean ± sample std over seeds)\n\n{seeds_md}\n")
     (folder / "tau.md").write_text(f"seed {args.tau_seed}, one run per tau\n\n{tau_md}\n")
     (folder / "reproduce.json").write_text(json.dumps(
-        {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summarize(by_seed),
+        {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summarize(by_seed), "probes": probes,
          "tau-seed": args.tau_seed, "by-tau": {str(t): v for t, v in by_tau.items()}}, indent=2))
     if len(by_tau) > 1:
         metric_vs_tau(by_tau, MACRO_F1, "macro-F1 (same-distribution test)", folder / "macro_f1_vs_tau.png")

@@ -141,3 +141,16 @@ def test_a_bad_override_stops_the_reproduction_before_any_run(capsys, override, 
         main(["--run-config", "configs/smoke.toml", "--set", override])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("nmoe-reproduce: ") and message in err
+
+
+def test_a_name_that_is_a_run_folder_is_refused_before_anything_is_written(tmp_path: Path, capsys):
+    """``--name`` names the summary folder; pointing it at a run's folder would mix tables into that run."""
+    from nmoe_flwr.cli.reproduce import main
+
+    run = tmp_path / "paper-run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "paper-run",
+                 "--tables-only"])
+    assert code == 2 and "is a run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]

@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base = checked_run_config(parser.prog, args.app, args.run_config, args.set)
     root = output_root(str(base.get("output-dir", "")))
+    if (root / args.name / "results.json").exists():
+        # The summary folder is <output-dir>/<name>: never write tables into a run's own folder.
+        print(f"nmoe-reproduce: {root / args.name} is a run folder; choose another --name", file=sys.stderr)
+        return 2
     preset_tau = float(base.get("tau", 0.1))
     seeds = [int(s) for s in _floats(args.seeds)]
     points = [(s, preset_tau) for s in seeds] + [(args.tau_seed, t) for t in _floats(args.taus)]

@@ -143,6 +143,23 @@ def test_a_bad_override_stops_the_reproduction_before_any_run(capsys, override, 
     assert exc.value.code == 2 and err.startswith("nmoe-reproduce: ") and message in err
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_no_tau_table_without_a_finished_run_of_the_tau_seed(tmp_path: Path, capsys):
+    """``--seeds 2 --taus ''`` (tau seed 0 not run): seeds.md only, no empty tau tables."""
+    from nmoe_flwr.cli.reproduce import main
+
+    folder = tmp_path / run_name("rep", 2, 0.1)
+    folder.mkdir()
+    folder.joinpath("results.json").write_text(json.dumps(
+        {"run": {"status": "completed"}, "config": {"seed": 2, "tau": 0.1}, "results": _results(0.9, 0.6, 0.1)}))
+    code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "rep",
+                 "--seeds", "2", "--taus", "", "--tables-only"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| method |  |" not in out and "Wrote seeds.md, reproduce.json in" in out
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["reproduce.json", "seeds.md"]
+
+
 def test_a_name_that_is_a_run_folder_is_refused_before_anything_is_written(tmp_path: Path, capsys):
     """``--name`` names the summary folder; pointing it at a run's folder would mix tables into that run."""
     from nmoe_flwr.cli.reproduce import main

@@ -9,9 +9,11 @@ writes into ``<output-dir>/<name>/``:
   (same-distribution and IID) and NMoE's routed share, mean ± std over the
   seeds (sample standard deviation), then the pooled kNN / linear / MLP probes
   of the stage-1 extractor beside raw pixels and the random-init ResNet20;
-- ``tau.md``: the same per tau, one seed (an anecdote, and labelled so);
+- ``tau.md``: the same per tau, one seed (an anecdote, and labelled so),
+  when some run of ``--tau-seed`` finished;
 - ``macro_f1_vs_tau.png`` (macro-F1 of every method against tau) and
-  ``routed_vs_tau.png`` (share of samples NMoE sends to a neighbour);
+  ``routed_vs_tau.png`` (share of samples NMoE sends to a neighbour), when
+  two or more taus finished;
 - ``reproduce.json``: the numbers behind all of it.
 
 A run folder whose ``results.json`` says ``completed`` with the same seed
@@ -248,17 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     if probes:
         seeds_md += ("\n\nPooled probes of the stage-1 extractor and its floors (all clients' data pooled, "
                      f"test accuracy)\n\n{probe_table(probes)}")
-    tau_md = "\n\n".join(f"{label}\n\n{tau_table(by_tau, key)}" for key, label in
-                         ((MACRO_F1, "macro-F1"), (IID_PREFIX + MACRO_F1, "IID macro-F1"), (ROUTED_TO_NEIGHBOUR, "routed to neighbours")))
     (folder / "seeds.md").write_text(f"tau = {preset_tau:g}, seeds {args.seeds} (mean ± sample std over seeds)\n\n{seeds_md}\n")
-    (folder / "tau.md").write_text(f"seed {args.tau_seed}, one run per tau\n\n{tau_md}\n")
     (folder / "reproduce.json").write_text(json.dumps(
         {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summarize(by_seed), "probes": probes,
          "tau-seed": args.tau_seed, "by-tau": {str(t): v for t, v in by_tau.items()}}, indent=2))
+    written = ["seeds.md", "reproduce.json"]
+    tau_md = ""
+    # No finished run of --tau-seed (e.g. --taus '' and a --seeds without it): no tau table to draw.
+    if by_tau:
+        tau_md = "\n\n".join(f"{label}\n\n{tau_table(by_tau, key)}" for key, label in
+                             ((MACRO_F1, "macro-F1"), (IID_PREFIX + MACRO_F1, "IID macro-F1"), (ROUTED_TO_NEIGHBOUR, "routed to neighbours")))
+        (folder / "tau.md").write_text(f"seed {args.tau_seed}, one run per tau\n\n{tau_md}\n")
+        written.append("tau.md")
     if len(by_tau) > 1:
         metric_vs_tau(by_tau, MACRO_F1, "macro-F1 (same-distribution test)", folder / "macro_f1_vs_tau.png")
         metric_vs_tau(by_tau, ROUTED_TO_NEIGHBOUR, "share routed to a neighbour (NMoE)", folder / "routed_vs_tau.png")
-    print(f"\n{seeds_md}\n\n{tau_md}\n\nWrote {folder}/seeds.md, tau.md, reproduce.json and the plots", flush=True)
+        written += ["macro_f1_vs_tau.png", "routed_vs_tau.png"]
+    print(f"\n{seeds_md}\n\n{tau_md}\n\nWrote {', '.join(written)} in {folder}", flush=True)
     return 0
 
 

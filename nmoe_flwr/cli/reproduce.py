@@ -246,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     folder = root / args.name
     folder.mkdir(parents=True, exist_ok=True)
-    seeds_md = seeds_table(summarize(by_seed))
+    summary = summarize(by_seed)
+    seeds_md = seeds_table(summary)
     if probes:
         seeds_md += ("\n\nPooled probes of the stage-1 extractor and its floors (all clients' data pooled, "
                      f"test accuracy)\n\n{probe_table(probes)}")
     (folder / "seeds.md").write_text(f"tau = {preset_tau:g}, seeds {args.seeds} (mean ± sample std over seeds)\n\n{seeds_md}\n")
     (folder / "reproduce.json").write_text(json.dumps(
-        {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summarize(by_seed), "probes": probes,
+        {"preset": args.run_config, "overrides": args.set, "tau": preset_tau, "seeds": summary, "probes": probes,
          "tau-seed": args.tau_seed, "by-tau": {str(t): v for t, v in by_tau.items()}}, indent=2))
     written = ["seeds.md", "reproduce.json"]
     tau_md = ""

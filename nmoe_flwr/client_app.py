@@ -184,6 +184,7 @@ def train_fedce(msg: Message, context: Context) -> Message:
         model, DeviceData.of(split.train, env.runtime), env.cfg, env.runtime,
         epochs=env.cfg.fedce_local_epochs, lr=fedce.fedce_round_lr(env.cfg.lr, rnd, num_rounds),
         seed=env.seed("fedce", rnd), logit_adjust=env.cfg.fedce_logit_adjust,
+        prox_mu=env.cfg.fedce_prox_mu, shared_prefixes=_prefixes(msg),
     )
     shared = split_partial(model, _prefixes(msg), context, LOCAL_FEDCE, env.store, is_packed(msg.content[ARRAYS]))
     return _reply(msg, _fit_metrics(stats), shared)

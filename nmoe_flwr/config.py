@@ -92,6 +92,7 @@ class RunConfig(BaseModel):
     fedce_average_head: bool = True
     fedce_logit_adjust: float = Field(1.0, ge=0.0, le=10.0)  # ours: tau of logit-adjusted local CE (0: the paper's FedCE)
     fedce_server_momentum: float = Field(0.7, ge=0.0, lt=1.0)  # ours: FedAvgM momentum on the server (0: FedAvg)
+    fedce_prox_mu: float = Field(0.0, ge=0.0, le=100.0)  # ours as an option: FedProx's proximal weight (0: off, the paper's)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)

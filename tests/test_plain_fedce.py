@@ -69,8 +69,9 @@ def _flower_path(run_config):
     return unpack(from_record(result.arrays), init.state_dict()), per_client, grid
 
 
-@pytest.mark.parametrize(("average_head", "momentum"), [(True, 0.0), (False, 0.0), (True, 0.7)])
-def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum):
+@pytest.mark.parametrize(("average_head", "momentum", "prox_mu"),
+                         [(True, 0.0, 0.0), (False, 0.0, 0.0), (True, 0.7, 0.0), (False, 0.0, 1.0)])
+def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum, prox_mu):
     """Final averaged weights (extractor, and head if averaged) and each client's FedCE-classifier
     test accuracy and macro-F1 are identical between fedce_plain and PartialFedAvg + ClientApp.
 
@@ -81,7 +82,7 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum)
     """
     rounds = 3 if momentum else ROUNDS  # FedAvgM first accelerates in round 3 (round 1 is plain, round 2 starts v)
     run_config = {**run_config, "fedce-average-head": average_head, "fedce-server-momentum": momentum,
-                  "fedce-rounds": rounds}
+                  "fedce-rounds": rounds, "fedce-prox-mu": prox_mu}
     cfg = parse_run_config(run_config)
     flwr_state, flwr_metrics, grid = _flower_path(run_config)
 
@@ -110,6 +111,11 @@ def test_plain_fedce_matches_the_flower_path(run_config, average_head, momentum)
         assert flwr_metrics[pid]["macro-f1"] == pytest.approx(plain["macro-f1"], abs=1e-12), pid
         assert flwr_metrics[pid]["num-examples"] == 20
     assert mean_over_clients(dict(enumerate(plain_metrics)))[ACCURACY] > 0.1  # above chance (10 classes)
+
+    if prox_mu:  # both paths applied the proximal term: without it the weights differ
+        no_prox = parse_run_config({**run_config, "fedce-prox-mu": 0.0})
+        free_state, _ = fedce_plain(no_prox, splits, resolve_runtime(cfg.device, cfg.amp, cfg.channels_last))
+        assert any(not torch.equal(free_state[k], plain_state[k]) for k in flwr_state)
 
     if not average_head:  # each client kept its own head in its Context between messages
         heads = [from_record(grid.contexts[n].state[client_app.LOCAL_FEDCE]) for n in grid.node_ids]

@@ -66,7 +66,7 @@ def fedce_plain(
             fit = train_classifier(
                 model, client, cfg, runtime, epochs=cfg.fedce_local_epochs,
                 lr=fedce_round_lr(cfg.lr, rnd, cfg.fedce_rounds), seed=derive_seed(cfg.seed, pid, "fedce", rnd),
-                logit_adjust=cfg.fedce_logit_adjust,
+                logit_adjust=cfg.fedce_logit_adjust, prox_mu=cfg.fedce_prox_mu, shared_prefixes=shared,
             )
             local_states[pid] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             states.append(local_states[pid])

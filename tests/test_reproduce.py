@@ -171,3 +171,50 @@ def test_a_name_that_is_a_run_folder_is_refused_before_anything_is_written(tmp_p
                  "--tables-only"])
     assert code == 2 and "is a run folder" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+
+
+def _finished(root: Path, name: str, seed: int, tau: float, f1: float) -> Path:
+    folder = root / run_name(name, seed, tau)
+    folder.mkdir()
+    folder.joinpath("results.json").write_text(json.dumps(
+        {"run": {"status": "completed"}, "config": {"seed": seed, "tau": tau}, "results": _results(0.9, f1, tau)}))
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_tau_tables_gather_every_finished_run_of_the_tau_seed(tmp_path: Path, capsys):
+    """A tau sweep gathered by an earlier invocation (--taus 0.3) stays in tau.md and reproduce.json
+    when this one asks for --taus ''; a folder that only looks like a run of the sweep is ignored."""
+    from nmoe_flwr.cli.reproduce import finished_taus, main
+
+    _finished(tmp_path, "rep", 0, 0.1, 0.6)
+    _finished(tmp_path, "rep", 0, 0.3, 0.7)
+    _finished(tmp_path, "rep", 1, 0.5, 0.8)  # another seed: not the tau seed
+    (tmp_path / "rep-s0-tau0.5-old").mkdir()
+    (tmp_path / "rep-s0-tau0.9").mkdir()  # not finished
+    assert finished_taus(tmp_path, "rep", 0) == [0.1, 0.3]
+    code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "rep",
+                 "--seeds", "0", "--taus", "", "--tables-only"])
+    assert code == 0
+    summary = tmp_path / "rep"
+    assert "| method | tau = 0.1 | tau = 0.3 |" in (summary / "tau.md").read_text()
+    assert sorted(json.loads((summary / "reproduce.json").read_text())["by-tau"]) == ["0.1", "0.3"]
+    assert (summary / "macro_f1_vs_tau.png").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tau_files_without_runs_behind_them_are_removed(tmp_path: Path, capsys):
+    """tau.md and the plots of an earlier invocation whose runs were deleted would contradict
+    reproduce.json's empty by-tau: they go, and the last line says so."""
+    from nmoe_flwr.cli.reproduce import main
+
+    _finished(tmp_path, "rep", 2, 0.1, 0.6)
+    summary = tmp_path / "rep"
+    summary.mkdir()
+    for stale in ("tau.md", "macro_f1_vs_tau.png", "routed_vs_tau.png"):
+        (summary / stale).write_text("from an earlier invocation")
+    code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "rep",
+                 "--seeds", "2", "--taus", "", "--tables-only"])
+    assert code == 0
+    assert "removed tau.md, macro_f1_vs_tau.png, routed_vs_tau.png" in capsys.readouterr().out
+    assert sorted(p.name for p in summary.iterdir()) == ["reproduce.json", "seeds.md"]

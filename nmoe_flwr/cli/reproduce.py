@@ -10,7 +10,8 @@ writes into ``<output-dir>/<name>/``:
   seeds (sample standard deviation), then the pooled kNN / linear / MLP probes
   of the stage-1 extractor beside raw pixels and the random-init ResNet20;
 - ``tau.md``: the same per tau, one seed (an anecdote, and labelled so),
-  when some run of ``--tau-seed`` finished;
+  from every finished run folder of ``--tau-seed`` under this ``--name``
+  (also those of earlier invocations with other ``--taus``), when there is one;
 - ``macro_f1_vs_tau.png`` (macro-F1 of every method against tau) and
   ``routed_vs_tau.png`` (share of samples NMoE sends to a neighbour), when
   two or more taus finished;
@@ -31,6 +32,7 @@ import json
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from glob import escape as glob_escape
 from pathlib import Path
 
 from ..constants import ACCURACY, IID_PREFIX, MACRO_F1, ROUTED_TO_NEIGHBOUR
@@ -99,6 +101,20 @@ def resumable(run_dir: Path, expected: Mapping[str, object]) -> dict | None:
 def completed(results: Path, seed: int, tau: float) -> bool:
     """Whether ``results`` is a finished run of this seed and tau (so it is reused)."""
     return finished_with(results, seed=seed, tau=tau)
+
+
+def finished_taus(root: Path, name: str, seed: int) -> list[float]:
+    """The taus of every finished run folder ``<name>-s<seed>-tau<tau>`` under ``root``, sorted."""
+    prefix = f"{name}-s{seed}-tau"
+    taus = []
+    for folder in root.glob(glob_escape(prefix) + "*"):
+        try:
+            tau = float(folder.name[len(prefix):])
+        except ValueError:
+            continue  # e.g. <name>-s0-tau0.1-old: not a run folder of this naming
+        if folder.name == run_name(name, seed, tau) and completed(folder / "results.json", seed, tau):
+            taus.append(tau)
+    return sorted(taus)
 
 
 def fmt(values: Sequence[float]) -> str:
@@ -240,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in (results_of(s, preset_tau) for s in seeds) if r is not None]
     by_seed = [r["results"] for r in runs]
     probes = summarize_probes([r.get("stages", {}) for r in runs])
-    by_tau = {t: summarize([r["results"]]) for s, t in points if s == args.tau_seed and (r := results_of(s, t)) is not None}
+    # Every finished run of the tau seed, not only this invocation's --taus: tau.md, the plots and
+    # reproduce.json then always describe the same runs.
+    by_tau = {t: summarize([r["results"]]) for t in finished_taus(root, args.name, args.tau_seed)
+              if (r := results_of(args.tau_seed, t)) is not None}
     if not by_seed:
         print("no finished run to summarize", file=sys.stderr)
         return 1
@@ -263,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
                              ((MACRO_F1, "macro-F1"), (IID_PREFIX + MACRO_F1, "IID macro-F1"), (ROUTED_TO_NEIGHBOUR, "routed to neighbours")))
         (folder / "tau.md").write_text(f"seed {args.tau_seed}, one run per tau\n\n{tau_md}\n")
         written.append("tau.md")
+    plots = ["macro_f1_vs_tau.png", "routed_vs_tau.png"]
     if len(by_tau) > 1:
-        metric_vs_tau(by_tau, MACRO_F1, "macro-F1 (same-distribution test)", folder / "macro_f1_vs_tau.png")
-        metric_vs_tau(by_tau, ROUTED_TO_NEIGHBOUR, "share routed to a neighbour (NMoE)", folder / "routed_vs_tau.png")
-        written += ["macro_f1_vs_tau.png", "routed_vs_tau.png"]
-    print(f"\n{seeds_md}\n\n{tau_md}\n\nWrote {', '.join(written)} in {folder}", flush=True)
+        metric_vs_tau(by_tau, MACRO_F1, "macro-F1 (same-distribution test)", folder / plots[0])
+        metric_vs_tau(by_tau, ROUTED_TO_NEIGHBOUR, "share routed to a neighbour (NMoE)", folder / plots[1])
+        written += plots
+    # A tau.md or plot of an earlier invocation whose runs are gone would contradict reproduce.json.
+    stale = [f for f in ("tau.md", *plots) if f not in written and (folder / f).exists()]
+    for f in stale:
+        (folder / f).unlink()
+    removed = f"; removed {', '.join(stale)} (no finished runs behind them)" if stale else ""
+    print(f"\n{seeds_md}\n\n{tau_md}\n\nWrote {', '.join(written)} in {folder}{removed}", flush=True)
     return 0
 
 

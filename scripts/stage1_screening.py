@@ -118,18 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaffold:
         import nmoe_flwr.cli.plain_fedce as plain
 
-        train, calls = plain.train_classifier, [0]
+        train, calls = plain.train_classifier, 0
         scaffold: Scaffold | None = None
 
         def train_scaffold(model, data, cfg, *a, shared_prefixes=(), **k):
             # fedce_plain trains clients 0..N-1 in order, every round: the call count names the client.
-            nonlocal scaffold
+            nonlocal scaffold, calls
             scaffold = scaffold or Scaffold(cfg.num_clients)
-            pid = calls[0] % cfg.num_clients
+            pid = calls % cfg.num_clients
             params = {n: p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tuple(shared_prefixes))}
             with scaffold.client(pid, params):
                 stats = train(model, data, cfg, *a, shared_prefixes=shared_prefixes, **k)
-            calls[0] += 1
+            calls += 1
             if pid == cfg.num_clients - 1:
                 scaffold.end_round()
             return stats

@@ -185,14 +185,14 @@ def _finished(root: Path, name: str, seed: int, tau: float, f1: float) -> Path:
 def test_the_tau_tables_gather_every_finished_run_of_the_tau_seed(tmp_path: Path, capsys):
     """A tau sweep gathered by an earlier invocation (--taus 0.3) stays in tau.md and reproduce.json
     when this one asks for --taus ''; a folder that only looks like a run of the sweep is ignored."""
-    from nmoe_flwr.cli.reproduce import finished_taus, main
+    from nmoe_flwr.cli.reproduce import finished_tau_runs, main
 
     _finished(tmp_path, "rep", 0, 0.1, 0.6)
     _finished(tmp_path, "rep", 0, 0.3, 0.7)
     _finished(tmp_path, "rep", 1, 0.5, 0.8)  # another seed: not the tau seed
     (tmp_path / "rep-s0-tau0.5-old").mkdir()
     (tmp_path / "rep-s0-tau0.9").mkdir()  # not finished
-    assert finished_taus(tmp_path, "rep", 0) == [0.1, 0.3]
+    assert list(finished_tau_runs(tmp_path, "rep", 0)) == [0.1, 0.3]
     code = main(["--run-config", "configs/smoke.toml", "--set", f'output-dir="{tmp_path}"', "--name", "rep",
                  "--seeds", "0", "--taus", "", "--tables-only"])
     assert code == 0

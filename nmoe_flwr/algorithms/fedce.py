@@ -72,18 +72,19 @@ def proximal(loss_fn: LossFn, model: nn.Module, mu: float, prefixes: Sequence[st
     this is called, i.e. the server's weights of the round (Li et al.,
     "Federated Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2).
     Parameters the client keeps local are not pulled anywhere. The loss
-    :func:`fit` reports then includes the proximal term.
+    :func:`fit` reports then includes the proximal term. The returned loss
+    is for ``model`` only: the pairs ``(w, w_t)`` are taken here, once.
     """
     if mu < 0:
         raise ValueError(f"the proximal weight mu must be >= 0, got {mu}")
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n.startswith(tuple(prefixes))}
-    if not anchor:
-        raise ValueError(f"no trainable parameter of the model starts with any of {list(prefixes)}")
+    pulled = [(p, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad and n.startswith(tuple(prefixes))]
+    if not pulled:
+        tops = sorted({n.split(".")[0] + "." for n, p in model.named_parameters() if p.requires_grad})
+        raise ValueError(f"no trainable parameter of the model starts with any of {list(prefixes)}; its prefixes are {tops}")
 
     def loss_fn_prox(m: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         loss, correct = loss_fn(m, batch)
-        params = dict(m.named_parameters())
-        drift = sum((params[n].float() - w_t).pow(2).sum() for n, w_t in anchor.items())
+        drift = sum((w - w_t).pow(2).sum() for w, w_t in pulled)
         return loss + 0.5 * mu * drift, correct
 
     return loss_fn_prox

@@ -66,16 +66,21 @@ def run_name(name: str, seed: int, tau: float) -> str:
     return f"{name}-s{seed}-tau{tau:g}"
 
 
-def finished_with(results: Path, **expected: object) -> bool:
-    """Whether ``results`` is a completed run whose config has every ``expected`` value
-    (kebab-case keys: ``finished_with(path, seed=0, **{"load-cap-slack": 1.5})``), so a sweep reuses it."""
+def finished_results(results: Path, **expected: object) -> dict | None:
+    """The contents of ``results`` if it is a completed run whose config has every ``expected``
+    value (kebab-case keys: ``finished_results(path, seed=0, **{"load-cap-slack": 1.5})``), else ``None``."""
     if not results.is_file():
-        return False
+        return None
     data = json.loads(results.read_text())
     cfg = data.get("config", {})
-    return data.get("run", {}).get("status") == "completed" and all(
-        key in cfg and cfg[key] == value for key, value in expected.items()
-    )
+    same = all(key in cfg and cfg[key] == value for key, value in expected.items())
+    return data if same and data.get("run", {}).get("status") == "completed" else None
+
+
+def finished_with(results: Path, **expected: object) -> bool:
+    """Whether ``results`` is a completed run with every ``expected`` config value
+    (:func:`finished_results`), so a sweep reuses it."""
+    return finished_results(results, **expected) is not None
 
 
 def resumable(run_dir: Path, expected: Mapping[str, object]) -> dict | None:
@@ -103,18 +108,21 @@ def completed(results: Path, seed: int, tau: float) -> bool:
     return finished_with(results, seed=seed, tau=tau)
 
 
-def finished_taus(root: Path, name: str, seed: int) -> list[float]:
-    """The taus of every finished run folder ``<name>-s<seed>-tau<tau>`` under ``root``, sorted."""
+def finished_tau_runs(root: Path, name: str, seed: int) -> dict[float, dict]:
+    """tau -> results.json of every finished run folder ``<name>-s<seed>-tau<tau>`` under ``root``,
+    in increasing tau."""
     prefix = f"{name}-s{seed}-tau"
-    taus = []
+    runs = {}
     for folder in root.glob(glob_escape(prefix) + "*"):
         try:
             tau = float(folder.name[len(prefix):])
         except ValueError:
             continue  # e.g. <name>-s0-tau0.1-old: not a run folder of this naming
-        if folder.name == run_name(name, seed, tau) and completed(folder / "results.json", seed, tau):
-            taus.append(tau)
-    return sorted(taus)
+        if folder.name == run_name(name, seed, tau):
+            data = finished_results(folder / "results.json", seed=seed, tau=tau)
+            if data is not None:
+                runs[tau] = data
+    return dict(sorted(runs.items()))
 
 
 def fmt(values: Sequence[float]) -> str:
@@ -250,16 +258,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     def results_of(seed: int, tau: float) -> Mapping | None:
-        path = root / run_name(args.name, seed, tau) / "results.json"
-        return json.loads(path.read_text()) if completed(path, seed, tau) else None
+        return finished_results(root / run_name(args.name, seed, tau) / "results.json", seed=seed, tau=tau)
 
     runs = [r for r in (results_of(s, preset_tau) for s in seeds) if r is not None]
     by_seed = [r["results"] for r in runs]
     probes = summarize_probes([r.get("stages", {}) for r in runs])
     # Every finished run of the tau seed, not only this invocation's --taus: tau.md, the plots and
     # reproduce.json then always describe the same runs.
-    by_tau = {t: summarize([r["results"]]) for t in finished_taus(root, args.name, args.tau_seed)
-              if (r := results_of(args.tau_seed, t)) is not None}
+    by_tau = {t: summarize([r["results"]]) for t, r in finished_tau_runs(root, args.name, args.tau_seed).items()}
     if not by_seed:
         print("no finished run to summarize", file=sys.stderr)
         return 1

@@ -447,7 +447,7 @@ def train_gate(msg: Message, context: Context) -> Message:
     labels = split.train.labels.to(rt.device)
     stats = gate.train_gate(
         g, latents, labels, probs, env.cfg, rt, server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
-        present=gate.available(bank),
+        present=gate.available(bank), own=env.partition_id if bank[env.partition_id] is not None else None,
     )
     metrics = _fit_metrics(stats)
     owners = _owners(env, split.train.num_classes)

@@ -11,9 +11,11 @@ column cross-fitted as in training. The test sets are not read: settings
 chosen on this table have not seen them.
 
     python scripts/gate_validation.py outputs/<run> gate-method=fedavg gate-logit-adjust=1.0 gate-rounds=50 gate-local-epochs=1
+    python scripts/gate_validation.py --seed 0 1 2 -- outputs/<run> gate-stay-margin=0.05
 
 Prints one JSON line: the overrides and the mean over clients of accuracy,
-macro-F1 and the routing diagnostics of NMoE and of the own expert alone.
+macro-F1 and the routing diagnostics of NMoE and of the own expert alone
+(with several ``--seed``: averaged over the splits, and each split beside).
 """
 
 from __future__ import annotations
@@ -64,24 +66,13 @@ def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float,
     return {"val": pick(order[:held]), "train": pick(order[held:]), "num_classes": num_classes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train the gates on every client's training part, score NMoE on its held-out part."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="folder of a finished NMoE run (with clients/<id>/)")
-    parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values)")
-    parser.add_argument("--val-share", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    args = parser.parse_args(argv)
-    raw = json.loads((args.run / "results.json").read_text())["config"]
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        raw[key] = tomllib.loads(f"v = {value}")["v"]
-    cfg = parse_run_config(raw)
-    set_torch_threads(1)
+def held_out_scores(run: Path, cfg, val_share: float, seed: int) -> dict[str, float]:
+    """Train the gates on every client's training part of one seeded split, as
+    stage 3 does; return the mean over clients of the held-out scores."""
     runtime = resolve_runtime("cpu", "off", False)
     n = cfg.num_clients
     clients = [
-        client_data(ClientStore(args.run / "clients" / str(pid)), pid, cfg.mlp_hidden, args.val_share, args.seed, runtime)
+        client_data(ClientStore(run / "clients" / str(pid)), pid, cfg.mlp_hidden, val_share, seed, runtime)
         for pid in range(n)
     ]
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
@@ -93,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         for pid, (model, client) in enumerate(zip(models, clients)):
             model.load_state_dict(shared, strict=False)
             gates.train_gate(model, *client["train"], cfg, runtime, server_round=rnd, num_rounds=cfg.gate_rounds,
-                             seed=derive_seed(cfg.seed, pid, "gate", rnd))
+                             seed=derive_seed(cfg.seed, pid, "gate", rnd), own=pid)
             replies.append({k: v for k, v in model.state_dict().items() if k in shared})
         shared = weighted_mean(replies, sizes) if shared else shared
-        print(f"gate round {rnd}/{cfg.gate_rounds}", file=sys.stderr, flush=True)
+        print(f"split {seed}: gate round {rnd}/{cfg.gate_rounds}", file=sys.stderr, flush=True)
     rows = []
     owners = class_owners(n, clients[0]["num_classes"]) if cfg.partition == "dominant" else None
     for pid, (model, client) in enumerate(zip(models, clients)):
@@ -111,8 +102,30 @@ def main(argv: list[str] | None = None) -> int:
             row |= routing_diagnostics(top1, labels, pid, owners, c)
         row |= {f"own-expert-{k}": v for k, v in classification_metrics(probs[:, pid].argmax(1), labels, c).items()}
         rows.append(row)
-    mean = {k: round(statistics.fmean(r[k] for r in rows if k in r), 4) for k in rows[0]}
-    print(json.dumps({"run": str(args.run), "overrides": args.overrides, "val-share": args.val_share, "val": mean}))
+    return {k: statistics.fmean(r[k] for r in rows if k in r) for k in rows[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the gates on every client's training part, score NMoE on its held-out part."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="folder of a finished NMoE run (with clients/<id>/)")
+    parser.add_argument("overrides", nargs="*", help="key=value run-config overrides (TOML values)")
+    parser.add_argument("--val-share", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="seeds of the held-out split; several: the scores are averaged over the splits")
+    args = parser.parse_args(argv)
+    raw = json.loads((args.run / "results.json").read_text())["config"]
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        raw[key] = tomllib.loads(f"v = {value}")["v"]
+    cfg = parse_run_config(raw)
+    set_torch_threads(1)
+    splits = [held_out_scores(args.run, cfg, args.val_share, seed) for seed in args.seed]
+    mean = {k: round(statistics.fmean(s[k] for s in splits), 4) for k in splits[0]}
+    line = {"run": str(args.run), "overrides": args.overrides, "val-share": args.val_share, "splits": args.seed, "val": mean}
+    if len(splits) > 1:  # the spread over splits says how much of a difference is the split's noise
+        line["val-per-split"] = [{k: round(v, 4) for k, v in s.items()} for s in splits]
+    print(json.dumps(line))
     return 0
 
 

@@ -69,7 +69,9 @@ def test_num_partitions_must_match_num_clients(run_config):
         ClientEnv.of(_context(run_config, {"partition-id": 0, "num-partitions": 3}))
 
 
-def test_client_stages_in_process(run_config):
+@pytest.mark.parametrize("stay_margin", [0.0, 0.99])
+def test_client_stages_in_process(run_config, stay_margin):
+    run_config = {**run_config, "gate-stay-margin": stay_margin}
     ctx = _context(run_config, {"partition-id": 1, "num-partitions": 2})
     info = client_app.info(_msg(RecordDict(), "query.info"), ctx).content[METRICS]
     assert (info["partition-id"], info["num-train"], info["num-test"], info["in-channels"]) == (1, 40, 20, 1)
@@ -94,6 +96,9 @@ def test_client_stages_in_process(run_config):
     reply = client_app.train_gate(_msg(RecordDict({ARRAYS: to_record(gate_shared), CONFIG: config}), "train.gate"), ctx)
     assert set(from_record(reply.content[ARRAYS])) == set(gate_shared)
     assert set(ctx.state[client_app.LOCAL_GATE].keys()) == {"decision.weight", "decision.bias", "log_prior"}  # the prior never leaves the client
+    if stay_margin:  # nothing beats the own expert (1) by 0.99: every target is 1; prior (0 + 1, 40 + 1) / 42
+        prior = from_record(ctx.state[client_app.LOCAL_GATE])["log_prior"].exp()
+        assert prior.tolist() == pytest.approx([1 / 42, 41 / 42])
 
     gate_arrays = reply.content[ARRAYS]
     reply = client_app.evaluate_nmoe(_msg(RecordDict({ARRAYS: gate_arrays, CONFIG: ConfigRecord()}), "evaluate.nmoe"), ctx)

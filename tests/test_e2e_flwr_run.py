@@ -94,13 +94,17 @@ def test_gate_validation_script_trains_gates_on_the_smoke_runs_stores(smoke_run)
     """scripts/gate_validation.py: stage 3 again on the run's client stores, scored on held-out training samples."""
     _, _, folder, _ = smoke_run
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gate_validation.py"), str(folder), "gate-rounds=2"],
+        [sys.executable, str(ROOT / "scripts" / "gate_validation.py"), "--seed", "0", "1", "--", str(folder),
+         "gate-rounds=2", "gate-stay-margin=0.05"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     line = json.loads(out.stdout.splitlines()[-1])
-    assert line["overrides"] == ["gate-rounds=2"] and "gate round 2/2" in out.stderr
+    assert line["overrides"] == ["gate-rounds=2", "gate-stay-margin=0.05"]
+    assert "split 0: gate round 2/2" in out.stderr and "split 1: gate round 2/2" in out.stderr
     assert line["val"]["accuracy"] > 0.5 and line["val"]["own-expert-accuracy"] > 0.5  # chance is 0.1
     assert {"macro-f1", "minority-to-owner", "dominant-sent-away"} <= set(line["val"])
+    per_split = [s["accuracy"] for s in line["val-per-split"]]
+    assert line["val"]["accuracy"] == pytest.approx(sum(per_split) / 2, abs=1e-4)
 
 
 def test_bad_config_value_fails_the_run_fast(tmp_path):

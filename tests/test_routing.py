@@ -64,6 +64,38 @@ def test_routing_targets_pick_the_expert_most_confident_on_the_label():
     assert routing_targets(probs, torch.tensor([1, 1])).tolist() == [1, 1]
 
 
+def test_stay_margin_keeps_the_own_expert_unless_a_neighbour_is_clearly_better():
+    # p_j(y) on the label: sample 0 (0.80, 0.85, 0.10): neighbour 1 better by 0.05;
+    # sample 1 (0.30, 0.90, 0.20): neighbour 1 better by 0.60; sample 2 (0.70, 0.10, 0.60): own is best
+    on_label = torch.tensor([[0.80, 0.85, 0.10], [0.30, 0.90, 0.20], [0.70, 0.10, 0.60]])
+    probs = torch.stack([1 - on_label, on_label], dim=2)  # 2 classes, every label is 1
+    y = torch.ones(3, dtype=torch.long)
+    assert routing_targets(probs, y).tolist() == [1, 1, 0]
+    assert routing_targets(probs, y, own=0, stay_margin=0.1).tolist() == [0, 1, 0]
+    assert routing_targets(probs, y, own=0, stay_margin=0.7).tolist() == [0, 0, 0]
+    assert routing_targets(probs, y, own=2, stay_margin=0.1).tolist() == [1, 1, 2]  # 0.60 >= 0.70 - 0.1
+    assert routing_targets(probs, y, own=0, stay_margin=0.0).tolist() == [1, 1, 0]  # margin 0: plain argmax
+    # the prior counts the margin's targets: own 0 twice, expert 1 once, + 1 smoothing each
+    prior = routing_log_prior(probs, y, own=0, stay_margin=0.1)
+    assert prior.exp().tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+
+
+def test_gate_loss_routes_toward_the_stay_target():
+    gate = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(2))
+    h = torch.tensor([[2.0, 0.0]])  # logits (2, 0)
+    y = torch.tensor([1])
+    probs = torch.tensor([[[0.2, 0.8], [0.1, 0.9]]])  # expert 1 is better on the label by 0.1
+    g = torch.Generator().manual_seed(0)
+    plain, _ = gate_loss(2, 0.0, g)(gate, (h, y, probs))
+    moved, _ = gate_loss(2, 0.0, g, route_weight=1.0)(gate, (h, y, probs))
+    stayed, _ = gate_loss(2, 0.0, g, route_weight=1.0, own=0, stay_margin=0.2)(gate, (h, y, probs))
+    log_w = torch.log_softmax(torch.tensor([2.0, 0.0]), 0)
+    assert moved.item() - plain.item() == pytest.approx(-log_w[1].item(), rel=1e-6)  # CE toward expert 1
+    assert stayed.item() - plain.item() == pytest.approx(-log_w[0].item(), rel=1e-6)  # CE toward own expert 0
+
+
 def test_gate_loss_adds_the_weighted_routing_cross_entropy():
     gate = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():

@@ -73,24 +73,46 @@ def bank_probs(experts: Sequence[nn.Module | None], latents: Tensor) -> Tensor:
     return torch.stack([p if p is not None else torch.zeros_like(like) for p in probs], dim=1)
 
 
-def routing_targets(probs: Tensor, labels: Tensor) -> Tensor:
+def routing_targets(probs: Tensor, labels: Tensor, own: int | None = None, stay_margin: float = 0.0) -> Tensor:
     """``(N,)`` the expert most confident on each sample's true label,
-    ``argmax_j p_j(y | h)`` over ``(N, n, C)`` bank probabilities."""
-    return probs.gather(2, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2).argmax(1)
+    ``argmax_j p_j(y | h)`` over ``(N, n, C)`` bank probabilities.
+
+    With ``own`` (the client's own expert) and ``stay_margin`` m > 0 the
+    target is ``own`` wherever ``p_own(y | h) >= max_j p_j(y | h) - m``: a
+    neighbour has to be *clearly* better on the label to be worth a network
+    round trip (ours, ``gate-stay-margin``). m = 0 is the plain argmax.
+    """
+    on_label = probs.gather(2, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2)
+    best, target = on_label.max(1)
+    if own is None or stay_margin <= 0:
+        return target
+    stay = on_label[:, own] >= best - stay_margin
+    return torch.where(stay, torch.full_like(target, own), target)
 
 
-def routing_log_prior(probs: Tensor, labels: Tensor, smoothing: float = 1.0) -> Tensor:
+def routing_log_prior(
+    probs: Tensor, labels: Tensor, smoothing: float = 1.0, own: int | None = None, stay_margin: float = 0.0
+) -> Tensor:
     """``(n,)`` log share of samples whose routing target is each expert
-    (:func:`routing_targets`), with ``smoothing`` added to every count."""
-    return log_prior(routing_targets(probs, labels), probs.shape[1], smoothing)
+    (:func:`routing_targets`, same ``own`` and ``stay_margin``), with
+    ``smoothing`` added to every count."""
+    return log_prior(routing_targets(probs, labels, own, stay_margin), probs.shape[1], smoothing)
 
 
-def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator, route_weight: float = 0.0) -> LossFn:
+def gate_loss(
+    train_k: int,
+    noise_std: float,
+    noise_gen: torch.Generator,
+    route_weight: float = 0.0,
+    own: int | None = None,
+    stay_margin: float = 0.0,
+) -> LossFn:
     """Loss of the gate on ``(latents, labels, bank probs)``.
 
     ``-log sum_j w_j p_j(y | h)`` under noisy top-``train_k`` routing with
     noise of std ``noise_std`` (the paper's objective), plus
-    ``route_weight * CE(gate logits, routing_targets)`` when ``route_weight > 0``.
+    ``route_weight * CE(gate logits, routing_targets(own, stay_margin))``
+    when ``route_weight > 0``.
     """
 
     def loss_fn(gate: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -100,7 +122,8 @@ def gate_loss(train_k: int, noise_std: float, noise_gen: torch.Generator, route_
         mix = mixture_probs(weights.float(), index, probs)
         loss = mixture_nll(mix, y)
         if route_weight > 0:
-            loss = loss + route_weight * nn.functional.cross_entropy(logits.float(), routing_targets(probs, y))
+            target = routing_targets(probs, y, own, stay_margin)
+            loss = loss + route_weight * nn.functional.cross_entropy(logits.float(), target)
         return loss, (mix.argmax(1) == y).sum()
 
     return loss_fn
@@ -118,6 +141,7 @@ def train_gate(
     num_rounds: int,
     seed: int,
     present: Tensor | None = None,
+    own: int | None = None,
 ) -> FitStats:
     """One round of local gate training against the frozen bank.
 
@@ -126,17 +150,20 @@ def train_gate(
     ``gate-grad-norm`` (NMoE paper, Sec. III-C), cosine LR over the rounds,
     the routing target weighted by ``gate-route-weight`` (ours). With
     ``gate-logit-adjust`` > 0 the gate's ``log_prior`` is first set from this
-    client's routing targets (ours, :func:`routing_log_prior`). Experts not
-    ``present`` (lost in stage 2) are masked (:func:`mask_missing`).
+    client's routing targets (ours, :func:`routing_log_prior`). ``own`` is
+    the client's own expert, which the targets prefer by ``gate-stay-margin``
+    (ours, :func:`routing_targets`). Experts not ``present`` (lost in stage
+    2) are masked (:func:`mask_missing`).
     """
+    margin = cfg.gate_stay_margin
     if cfg.gate_logit_adjust > 0:
-        gate.log_prior.copy_(cfg.gate_logit_adjust * routing_log_prior(probs, labels))
+        gate.log_prior.copy_(cfg.gate_logit_adjust * routing_log_prior(probs, labels, own=own, stay_margin=margin))
     if present is not None:  # (again, if the caller masked: the adjustment above overwrote log_prior)
         mask_missing(gate, present)
     opts = make_optimizers(gate, cfg.gate_optimizer, cfg.gate_lr, weight_decay=0.0, muon_lr=cfg.gate_muon_lr)
     start = (server_round - 1) / num_rounds
     noise = generator(derive_seed(seed, "noise"), runtime.device)
-    loss_fn = gate_loss(cfg.train_k, cfg.gate_noise, noise, cfg.gate_route_weight)
+    loss_fn = gate_loss(cfg.train_k, cfg.gate_noise, noise, cfg.gate_route_weight, own, margin)
     return fit(
         gate, loss_fn, (latents, labels, probs),
         epochs=cfg.gate_local_epochs, batch_size=cfg.batch_size, optimizers=opts, runtime=runtime,

@@ -10,6 +10,10 @@ chosen on the training-set diagnostics (``train-*`` in rounds.csv), which
 the table also shows.
 
     python scripts/gate_ablation.py --extractor outputs/paper-fe/extractor.pt --seeds 0 1 2
+    python scripts/gate_ablation.py --extractor outputs/fedce-s0-le3-tau0.5/extractor.pt --set tau=0.5 --only 11
+
+``--set KEY=VALUE`` (repeatable) overrides a run-config key in every run,
+e.g. the skew of a stage 1 trained at another ``tau``.
 
 ``--extractor`` may name one stage 1 per seed with ``{seed}``, e.g.
 ``outputs/fedce-s{seed}-avgm07/extractor.pt``: then seed s runs stages 2-3
@@ -27,6 +31,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import tomllib
 
 from nmoe_flwr.cli.reproduce import finished_with, fmt
 from nmoe_flwr.cli.run import launch
@@ -90,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="gate-ablation")
     parser.add_argument("--only", nargs="*", help="variant indices to run (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override for every run (TOML value), e.g. --set tau=0.5; repeatable")
     args = parser.parse_args(argv)
+    fixed = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        fixed[key] = tomllib.loads(f"v = {value}")["v"]
     root = output_root("")
     folder = root / args.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {label}, seed {seed} ===", flush=True)
             # The probes and router ceiling depend on the extractor and the seed only: once per seed.
             probe = not table
-            expected = {"seed": seed, "extractor-checkpoint": extractor(seed), "pooled-probe": probe, **overrides}
+            expected = {"seed": seed, "extractor-checkpoint": extractor(seed), "pooled-probe": probe, **fixed, **overrides}
             if finished_with(root / name / "results.json", **expected):
                 print(f"reusing {root / name} (completed, same extractor, seed and gate keys)", flush=True)
             else:
                 status, record = launch(Path("."), args.run_config, overrides=[
-                    base(seed), f"pooled-probe={json.dumps(probe)}", f'seed={seed} run-name="{name}"', as_overrides(overrides),
+                    base(seed), f"pooled-probe={json.dumps(probe)}", f'seed={seed} run-name="{name}"',
+                    as_overrides(fixed | overrides),
                 ])
                 if status != "finished:completed":
                     print(f"{label}, seed {seed}: {status} {record.get('status-details', '')}", file=sys.stderr)

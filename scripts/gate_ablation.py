@@ -40,7 +40,7 @@ from nmoe_flwr.workspace import output_root
 
 PAPER = {
     "gate-method": "fedgate", "gate-rounds": 10, "gate-local-epochs": 2,
-    "gate-noise": 1.0, "gate-route-weight": 0.0, "gate-logit-adjust": 0.0,
+    "gate-noise": 1.0, "gate-route-weight": 0.0, "gate-logit-adjust": 0.0, "gate-stay-margin": 0.0,
 }
 """The paper's gate (FedGate, mixture NLL only, routing noise of std 1.0), as session 1 ran it."""
 ROUTES = {"gate-noise": 0.0, "gate-route-weight": 1.0, "gate-local-epochs": 5}

@@ -122,6 +122,26 @@ def test_bad_config_value_fails_the_run_fast(tmp_path):
     assert not list((tmp_path / "out").glob("*/results.json"))  # nothing written before validation
 
 
+def test_two_launches_from_one_checkout_run_side_by_side(tmp_path):
+    """Each launch has its own config file and SuperLink database: neither run gets the other's config."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = _env(tmp_path)
+
+    def run(tau: float) -> tuple[str, dict]:
+        overrides = [f'tau={tau} run-name="tau{tau}" stages="fe" fedce-rounds=1 pooled-probe=false']
+        return launch(ROOT, str(ROOT / "configs" / "smoke.toml"), flwr_home=tmp_path / "flwr", timeout=300,
+                      extra_env=env, overrides=overrides)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(run, (0.1, 0.3)))
+    assert [status for status, _ in outcomes] == ["finished:completed"] * 2, outcomes
+    for tau in (0.1, 0.3):
+        assert json.loads((tmp_path / "out" / f"tau{tau}" / "results.json").read_text())["config"]["tau"] == tau
+    assert not any((tmp_path / "flwr" / "launches").iterdir())  # a completed launch removes its folder
+    assert processes_mentioning(str(tmp_path)) == []
+
+
 def test_no_process_left_behind(smoke_run):
     _, _, _, tmp = smoke_run
     assert processes_mentioning(str(tmp)) == []

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +68,11 @@ def launch(
     The merged config is validated first (:class:`~nmoe_flwr.config.ConfigError`
     names the key); ``check_config=False`` leaves that to the ServerApp, as a
     plain ``flwr run`` would.
+
+    Every launch writes its merged config and its SuperLink's database and log
+    into a folder of its own under ``<flwr_home>/launches/``, so launches from
+    one checkout can run side by side; the folder is removed once the run
+    completed and kept (for its ``superlink.log``) otherwise.
     """
     app = app.resolve()
     flwr_home = (flwr_home or app / ".flwr").resolve()
@@ -80,13 +88,16 @@ def launch(
     if gpus_per_client:
         federation += f" client-resources-num-gpus={gpus_per_client}"
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
+    (flwr_home / "launches").mkdir(parents=True, exist_ok=True)
+    # One folder per launch: two launches sharing a run-config file or a SuperLink database swap configs.
+    own = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=flwr_home / "launches"))
     if overrides:
-        cmd += ["--run-config", str(write_run_config(merged, flwr_home / "run-config.toml"))]
+        cmd += ["--run-config", str(write_run_config(merged, own / "run-config.toml"))]
     elif run_config:
         cmd += ["--run-config", run_config]
     t0 = time.perf_counter()
     # sigterm_exits: a `kill` of whichever command called this still stops the SuperLink and Ray.
-    with sigterm_exits(), local_superlink(env, flwr_home / "superlink") as link_env:
+    with sigterm_exits(), local_superlink(env, own / "superlink") as link_env:
         run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
         if code == TIMEOUT_EXIT_CODE:
             return "timed-out", {"status": "timed-out", "run-id": run_id, "status-details": f"no result within {timeout:g} s"}
@@ -95,7 +106,10 @@ def launch(
         record = run_status(link_env, run_id)
         # Until the run had finished (results written), before tearing the SuperLink and Ray down.
         record["seconds-until-finished"] = time.perf_counter() - t0
-    return str(record.get("status")), record
+    status = str(record.get("status"))
+    if status == "finished:completed":
+        shutil.rmtree(own, ignore_errors=True)
+    return status, record
 
 
 def resume_config(run_dir: Path) -> dict:
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
     run_config = args.run_config
+    resume_file = None
     if args.resume:
         if args.run_config or args.set:
             parser.error("--resume uses the run's own config; it takes no --run-config or --set")
@@ -158,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"nmoe-run: {exc}", file=sys.stderr)
             return 2
-        run_config = str(write_run_config(config, (args.flwr_home or args.app / ".flwr").resolve() / "resume-config.toml"))
+        home = (args.flwr_home or args.app / ".flwr").resolve()
+        resume_file = write_run_config(config, home / f"resume-config-{os.getpid()}.toml")  # per process: see launch
+        run_config = str(resume_file)
     try:
         status, record = launch(
             args.app, run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
@@ -167,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nmoe-run: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if resume_file is not None:
+            resume_file.unlink(missing_ok=True)
     print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
     return 0 if status == "finished:completed" else 1
 

@@ -129,8 +129,8 @@ class RunConfig(BaseModel):
     gate_noise: float = Field(0.0, ge=0)
     gate_route_weight: float = Field(1.0, ge=0)  # ours: CE toward the expert most confident on the label; 0 = off
     # ours: the routing target stays on the own expert unless a neighbour is more confident on the label
-    # by more than this (probability); 0 = the most confident expert
-    gate_stay_margin: float = Field(0.0, ge=0.0, lt=1.0)
+    # by more than this (probability); 0 = the most confident expert (README "Routing only where it pays")
+    gate_stay_margin: float = Field(0.05, ge=0.0, lt=1.0)
     gate_logit_adjust: float = Field(1.0, ge=0.0, le=10.0)  # ours: logits + tau * log(routing-target prior); 0 = off
     gate_train_top_k: int = Field(0, ge=0)  # 0 -> all experts while training
     gate_oof_folds: int = Field(5, ge=0)  # cross-fitted own-expert answers for the gate; 0/1 = off

@@ -59,8 +59,11 @@ VARIANTS = {
     "all three, 50 rounds x 1 epoch": PAPER | ROUTES | LONG,
     "all three, 50 x 1, logit-adjusted gate (FedGate)": PAPER | ROUTES | LONG | {"gate-logit-adjust": 1.0},
     "all three, 50 x 1, all layers averaged": PAPER | ROUTES | LONG | {"gate-method": "fedavg"},
-    "all three, 50 x 1, all layers averaged + logit-adjusted (new default)": (
+    "all three, 50 x 1, all layers averaged + logit-adjusted (the default of issue 10)": (
         PAPER | ROUTES | LONG | {"gate-method": "fedavg", "gate-logit-adjust": 1.0}
+    ),
+    "... + stay margin 0.05 (the default since issue 11)": (
+        PAPER | ROUTES | LONG | {"gate-method": "fedavg", "gate-logit-adjust": 1.0, "gate-stay-margin": 0.05}
     ),
 }
 """Label -> run-config overrides, explicit, so that a change of defaults does not change a row."""

@@ -440,14 +440,15 @@ def train_gate(msg: Message, context: Context) -> Message:
     latents = env.store.latents("train").to(rt.device)
     bank = _frozen_bank(env, split.train.num_classes)
     probs = gate.bank_probs(bank, latents)
-    own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 and bank[env.partition_id] is not None else None
+    own = env.partition_id if bank[env.partition_id] is not None else None  # None: its expert was lost in stage 2
+    own_oof = env.store.own_oof() if env.cfg.gate_oof_folds > 1 and own is not None else None
     if own_oof is not None:
         probs[:, env.partition_id] = own_oof.to(probs.device)
     g = _gate(env, msg, context, bank, rnd)
     labels = split.train.labels.to(rt.device)
     stats = gate.train_gate(
         g, latents, labels, probs, env.cfg, rt, server_round=rnd, num_rounds=num_rounds, seed=env.seed("gate", rnd),
-        present=gate.available(bank), own=env.partition_id if bank[env.partition_id] is not None else None,
+        present=gate.available(bank), own=own,
     )
     metrics = _fit_metrics(stats)
     owners = _owners(env, split.train.num_classes)

@@ -45,9 +45,9 @@ from nmoe_flwr.config import parse_run_config
 from nmoe_flwr.pipelines.nmoe import GATE_SHARED_PREFIXES
 
 
-def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float, seed: int, runtime: Runtime) -> dict:
-    """``(latents, labels, bank probs)`` of one client's training samples, split into
-    ``train`` and ``val`` (seeded); the own expert's column holds its out-of-fold answers."""
+def client_arrays(store: ClientStore, pid: int, mlp_hidden: int, runtime: Runtime) -> dict:
+    """``latents``, ``labels`` and bank ``probs`` of one client's training samples, read
+    once; the own expert's column holds its out-of-fold answers."""
     split = store.load_splits()
     num_classes = split.train.num_classes
     stored = store.bank()
@@ -60,21 +60,24 @@ def client_data(store: ClientStore, pid: int, mlp_hidden: int, val_share: float,
     if own is None:
         raise SystemExit(f"{store.folder}: no out-of-fold answers (run with gate-oof-folds > 1)")
     probs[:, pid] = own
+    return {"latents": latents, "labels": labels, "probs": probs, "num_classes": num_classes}
+
+
+def held_out_split(arrays: dict, pid: int, val_share: float, seed: int) -> dict:
+    """``arrays`` (:func:`client_arrays`) split into ``train`` and ``val`` tuples
+    ``(latents, labels, probs)``, seeded by ``seed`` and the client."""
+    labels = arrays["labels"]
     order = torch.randperm(labels.shape[0], generator=generator(derive_seed(seed, pid, "val")))
     held = int(val_share * labels.shape[0])
-    pick = lambda rows: (latents[rows], labels[rows], probs[rows])
-    return {"val": pick(order[:held]), "train": pick(order[held:]), "num_classes": num_classes}
+    pick = lambda rows: (arrays["latents"][rows], labels[rows], arrays["probs"][rows])
+    return {"val": pick(order[:held]), "train": pick(order[held:]), "num_classes": arrays["num_classes"]}
 
 
-def held_out_scores(run: Path, cfg, val_share: float, seed: int) -> dict[str, float]:
+def held_out_scores(arrays: list[dict], cfg, val_share: float, seed: int, runtime: Runtime) -> dict[str, float]:
     """Train the gates on every client's training part of one seeded split, as
     stage 3 does; return the mean over clients of the held-out scores."""
-    runtime = resolve_runtime("cpu", "off", False)
     n = cfg.num_clients
-    clients = [
-        client_data(ClientStore(run / "clients" / str(pid)), pid, cfg.mlp_hidden, val_share, seed, runtime)
-        for pid in range(n)
-    ]
+    clients = [held_out_split(a, pid, val_share, seed) for pid, a in enumerate(arrays)]
     prefixes = GATE_SHARED_PREFIXES[cfg.gate_method]
     models = [gates.new_gate(cfg.mlp_hidden, n, derive_seed(cfg.seed, "gate-init")) for _ in range(n)]
     shared = {k: v.clone() for k, v in models[0].state_dict().items() if k.startswith(prefixes)}
@@ -120,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         raw[key] = tomllib.loads(f"v = {value}")["v"]
     cfg = parse_run_config(raw)
     set_torch_threads(1)
-    splits = [held_out_scores(args.run, cfg, args.val_share, seed) for seed in args.seed]
+    runtime = resolve_runtime("cpu", "off", False)
+    arrays = [client_arrays(ClientStore(args.run / "clients" / str(pid)), pid, cfg.mlp_hidden, runtime)
+              for pid in range(cfg.num_clients)]
+    splits = [held_out_scores(arrays, cfg, args.val_share, seed, runtime) for seed in args.seed]
     mean = {k: round(statistics.fmean(s[k] for s in splits), 4) for k in splits[0]}
     line = {"run": str(args.run), "overrides": args.overrides, "val-share": args.val_share, "splits": args.seed, "val": mean}
     if len(splits) > 1:  # the spread over splits says how much of a difference is the split's noise

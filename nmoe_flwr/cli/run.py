@@ -90,14 +90,14 @@ def launch(
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
     (flwr_home / "launches").mkdir(parents=True, exist_ok=True)
     # One folder per launch: two launches sharing a run-config file or a SuperLink database swap configs.
-    own = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=flwr_home / "launches"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=flwr_home / "launches"))
     if overrides:
-        cmd += ["--run-config", str(write_run_config(merged, own / "run-config.toml"))]
+        cmd += ["--run-config", str(write_run_config(merged, workdir / "run-config.toml"))]
     elif run_config:
         cmd += ["--run-config", run_config]
     t0 = time.perf_counter()
     # sigterm_exits: a `kill` of whichever command called this still stops the SuperLink and Ray.
-    with sigterm_exits(), local_superlink(env, own / "superlink") as link_env:
+    with sigterm_exits(), local_superlink(env, workdir / "superlink") as link_env:
         run_id, code = stream_flwr_run(cmd, link_env, app, log_file, timeout)
         if code == TIMEOUT_EXIT_CODE:
             return "timed-out", {"status": "timed-out", "run-id": run_id, "status-details": f"no result within {timeout:g} s"}
@@ -108,7 +108,7 @@ def launch(
         record["seconds-until-finished"] = time.perf_counter() - t0
     status = str(record.get("status"))
     if status == "finished:completed":
-        shutil.rmtree(own, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     return status, record
 
 

@@ -12,7 +12,7 @@ the table also shows.
     python scripts/gate_ablation.py --extractor outputs/paper-fe/extractor.pt --seeds 0 1 2
     python scripts/gate_ablation.py --extractor outputs/fedce-s0-le3-tau0.5/extractor.pt --set tau=0.5 --only 11
 
-``--set KEY=VALUE`` (repeatable) overrides a run-config key in every run,
+``--set "KEY=VALUE ..."`` (repeatable, as ``nmoe-run --set``) overrides run-config keys in every run,
 e.g. the skew of a stage 1 trained at another ``tau``.
 
 ``--extractor`` may name one stage 1 per seed with ``{seed}``, e.g.
@@ -32,10 +32,10 @@ import json
 import sys
 from pathlib import Path
 
-import tomllib
-
+from nmoe_flwr.cli.flwr_process import merged_run_config
 from nmoe_flwr.cli.reproduce import finished_with, fmt
 from nmoe_flwr.cli.run import launch
+from nmoe_flwr.config import ConfigError
 from nmoe_flwr.workspace import output_root
 
 PAPER = {
@@ -99,15 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="gate-ablation")
     parser.add_argument("--only", nargs="*", help="variant indices to run (default: all)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a run-config override for every run (TOML value), e.g. --set tau=0.5; repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar='"KEY=VALUE ..."',
+                        help="run-config overrides for every run (TOML values, as nmoe-run's --set), e.g. --set tau=0.5; repeatable")
     args = parser.parse_args(argv)
-    fixed = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        fixed[key] = tomllib.loads(f"v = {value}")["v"]
+    try:
+        fixed = merged_run_config(None, args.set)
+    except ConfigError as exc:
+        parser.error(f"--set: {exc}")
     root = output_root("")
     folder = root / args.name
     folder.mkdir(parents=True, exist_ok=True)

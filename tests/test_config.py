@@ -112,3 +112,7 @@ def test_an_override_that_is_not_key_value_pairs_names_itself_and_the_quoting_ru
     assert merged_run_config(str(preset), ['run-name="b" tau=0.3']) == {"run-name": "b", "num-clients": 4, "tau": 0.3}
     with pytest.raises(ConfigError, match='"run-name=b".*double quotes'):
         merged_run_config(str(preset), ["run-name=b"])
+    assert merged_run_config(None, ['run-name="a b" tau=0.3']) == {"run-name": "a b", "tau": 0.3}
+    for text, leftover in (("tau", "'tau'"), ("tau=0.5 seed", "'seed'")):  # Flower's parser would drop these
+        with pytest.raises(ConfigError, match=f'cannot parse "{text}".*{leftover} has no "=value"'):
+            merged_run_config(None, [text])

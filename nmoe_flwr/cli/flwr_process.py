@@ -257,6 +257,10 @@ def local_superlink(env: dict[str, str], workdir: Path, timeout: float = 60.0) -
         stop_tree(proc, marker=f"{name}={value}")
 
 
+KEY_VALUE = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+"""One ``key=value`` pair as ``flwr run --run-config`` reads it (the pattern of ``flwr.common.config.parse_config_args``)."""
+
+
 def merged_run_config(run_config: str | None, overrides: list[str] | None = None) -> dict:
     """The run-config overrides of a preset (TOML file or ``"k=v ..."``) plus
     ``overrides`` (``"k=v ..."`` strings, TOML values), later ones winning.
@@ -275,6 +279,11 @@ def merged_run_config(run_config: str | None, overrides: list[str] | None = None
     from ..config import ConfigError
 
     def parsed(text: str) -> dict:
+        # Flower's parser silently skips what is not key=value ("tau", "tau=0.5 seed"): refuse it instead.
+        leftover = KEY_VALUE.sub("", text).split()
+        if leftover:
+            raise ConfigError(f'cannot parse "{text}" as key=value pairs: {" ".join(leftover)!r} has no "=value" '
+                              f'(expected e.g. tau=0.3 run-name="x")')
         try:
             return parse_config_args([text])
         except ClickException as exc:  # Flower's message does not say which string, nor that strings need quotes

@@ -167,18 +167,25 @@ def test_stop_tree_stops_orphans_left_in_the_roots_session(spawned, tmp_path):
 def test_stop_tree_catches_processes_started_while_stopping(spawned, tmp_path):
     """On SIGTERM the root starts a child (that ignores SIGTERM) and exits: the child is
     orphaned right away, after the tree was first listed (as Ray may start a worker
-    during teardown), and is found again only through the root's session."""
+    during teardown), and is found again only through the root's session.
+
+    The root ignores SIGTERM before starting the child, so the child ignores it from
+    birth: a ``trap`` inside the child would leave a window in which the SIGTERM that
+    stop_tree sends to the new process kills it first (seen under load). The root waits
+    in a loop of short sleeps, not ``sleep 300 & wait``: when its ``sleep`` died of the
+    same SIGTERM, bash could reach the end of the script and exit before running the
+    trap (also seen under load)."""
     pidfile, late = tmp_path / "pids", tmp_path / "late.sh"
-    late.write_text("trap '' TERM\necho $$ > \"$P.late\"\nexec sleep 300\n")
+    late.write_text("echo $$ > \"$P.late\"\nexec sleep 300\n")
     root = spawned.popen(
-        'trap \'bash "$L" & while [ ! -s "$P.late" ]; do sleep 0.01; done; exit 0\' TERM;'
-        ' echo $$ >> "$P"; sleep 300 & wait',
+        'trap \'trap "" TERM; bash "$L" & while [ ! -s "$P.late" ]; do sleep 0.01; done; exit 0\' TERM;'
+        ' echo $$ >> "$P"; while :; do sleep 0.05; done',
         env={**os.environ, "P": str(pidfile), "L": str(late)}, start_new_session=True,
     )
     spawned.read_pids(pidfile, 1)
     report = stop_tree(root, grace=2.0)
     (late_pid,) = _pids_in(Path(f"{pidfile}.late"))
-    assert _gone(late_pid)
+    assert _gone(late_pid), (report, _stat(late_pid))  # the report says what stop_tree saw
     assert late_pid in report.killed  # it ignored SIGTERM: SIGKILLed once found again
 
 

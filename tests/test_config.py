@@ -116,3 +116,13 @@ def test_an_override_that_is_not_key_value_pairs_names_itself_and_the_quoting_ru
     for text, leftover in (("tau", "'tau'"), ("tau=0.5 seed", "'seed'")):  # Flower's parser would drop these
         with pytest.raises(ConfigError, match=f'cannot parse "{text}".*{leftover} has no "=value"'):
             merged_run_config(None, [text])
+
+
+def test_a_parsed_config_merges_like_a_preset_without_being_changed(tmp_path):
+    """A killed run's recorded config (a mapping) is a preset like a TOML file: overrides win, the mapping stays."""
+    from nmoe_flwr.cli.flwr_process import merged_run_config
+
+    recorded = {"run-name": "a", "resume": True, "tau": 0.1}
+    assert merged_run_config(recorded, ["tau=0.3"]) == {"run-name": "a", "resume": True, "tau": 0.3}
+    assert recorded["tau"] == 0.1
+    assert merged_run_config({}, None) == {}

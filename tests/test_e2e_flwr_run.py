@@ -268,7 +268,6 @@ def test_a_run_killed_in_stage_1_resumes_and_ends_as_if_uninterrupted(smoke_run,
     import signal
     import time
 
-    from nmoe_flwr.cli.flwr_process import write_run_config
     from nmoe_flwr.cli.run import resume_config
 
     env = {**os.environ, **_env(tmp_path)}
@@ -291,7 +290,7 @@ def test_a_run_killed_in_stage_1_resumes_and_ends_as_if_uninterrupted(smoke_run,
 
     config = resume_config(folder)
     assert config["resume"] is True and config["run-name"] == "smoke"
-    status, record = launch(ROOT, str(write_run_config(config, tmp_path / "resume.toml")),
+    status, record = launch(ROOT, config,  # the recorded config as nmoe-run --resume passes it
                             flwr_home=tmp_path / "flwr", timeout=420, log_file=tmp_path / "resume.log",
                             extra_env=_env(tmp_path))
     assert status == "finished:completed", (record, (tmp_path / "resume.log").read_text()[-3000:])

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import tomllib
@@ -261,8 +261,9 @@ KEY_VALUE = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 """One ``key=value`` pair as ``flwr run --run-config`` reads it (the pattern of ``flwr.common.config.parse_config_args``)."""
 
 
-def merged_run_config(run_config: str | None, overrides: list[str] | None = None) -> dict:
-    """The run-config overrides of a preset (TOML file or ``"k=v ..."``) plus
+def merged_run_config(run_config: str | Mapping[str, object] | None, overrides: list[str] | None = None) -> dict:
+    """The run-config overrides of a preset (TOML file, ``"k=v ..."`` or an
+    already parsed mapping, e.g. a killed run's recorded config) plus
     ``overrides`` (``"k=v ..."`` strings, TOML values), later ones winning.
 
     ``flwr run`` accepts a TOML file *or* key-value pairs, not both; merging
@@ -291,7 +292,9 @@ def merged_run_config(run_config: str | None, overrides: list[str] | None = None
                               f"e.g. run-name=\"x\"): {exc.message}") from None
 
     merged: dict = {}
-    if run_config:
+    if isinstance(run_config, Mapping):
+        merged.update(run_config)
+    elif run_config:
         path = Path(run_config)
         merged.update(tomllib.loads(path.read_text()) if path.is_file() else parsed(run_config))
     for text in overrides or ():

@@ -206,7 +206,7 @@ def _floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     """Run the missing (seed, tau) points, then write the tables and plots."""
     from ..pipelines.plots import metric_vs_tau
-    from .flwr_process import checked_run_config, merged_run_config, write_run_config
+    from .flwr_process import checked_run_config, merged_run_config
     from .run import launch
 
     parser = argparse.ArgumentParser(prog="nmoe-reproduce", description=__doc__,
@@ -246,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = resumable(root / name, merged_run_config(args.run_config, [*args.set, point]))
         if resume is not None:
             print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g}: resuming {root / name} ===", flush=True)
-            flwr_home = (args.flwr_home or args.app / ".flwr").resolve()
-            config_file = write_run_config(resume, flwr_home / f"resume-{name}.toml")
-            status, record = launch(args.app, str(config_file), flwr_home=args.flwr_home, extra_env=env)
+            status, record = launch(args.app, resume, flwr_home=args.flwr_home, extra_env=env)
         else:
             print(f"\n=== [{i}/{len(points)}] seed {seed}, tau {tau:g} -> {root / name} ===", flush=True)
             status, record = launch(args.app, args.run_config, flwr_home=args.flwr_home, extra_env=env,

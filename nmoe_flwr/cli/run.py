@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..config import ConfigError
@@ -49,7 +50,7 @@ from .flwr_process import (
 
 def launch(
     app: Path,
-    run_config: str | None = None,
+    run_config: str | Mapping[str, object] | None = None,
     num_supernodes: int | None = None,
     cpus_per_client: int = 1,
     gpus_per_client: float = 0.0,
@@ -64,7 +65,8 @@ def launch(
 
     Streams the run's log to stdout (and to ``log_file`` if given);
     ``extra_env`` reaches the ServerApp and ClientApps (e.g. ``NMOE_OUTPUT_DIR``);
-    ``overrides`` (``"k=v ..."``) are applied on top of ``run_config``.
+    ``overrides`` (``"k=v ..."``) are applied on top of ``run_config`` (a preset
+    file, ``"k=v ..."`` or a parsed mapping such as :func:`resume_config`'s).
     The merged config is validated first (:class:`~nmoe_flwr.config.ConfigError`
     names the key); ``check_config=False`` leaves that to the ServerApp, as a
     plain ``flwr run`` would.
@@ -91,7 +93,7 @@ def launch(
     (flwr_home / "launches").mkdir(parents=True, exist_ok=True)
     # One folder per launch: two launches sharing a run-config file or a SuperLink database swap configs.
     workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=flwr_home / "launches"))
-    if overrides:
+    if overrides or isinstance(run_config, Mapping):
         cmd += ["--run-config", str(write_run_config(merged, workdir / "run-config.toml"))]
     elif run_config:
         cmd += ["--run-config", run_config]
@@ -163,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
-    run_config = args.run_config
-    resume_file = None
+    run_config: str | dict | None = args.run_config
     if args.resume:
         if args.run_config or args.set:
             parser.error("--resume uses the run's own config; it takes no --run-config or --set")
@@ -173,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"nmoe-run: {exc}", file=sys.stderr)
             return 2
-        home = (args.flwr_home or args.app / ".flwr").resolve()
-        resume_file = write_run_config(config, home / f"resume-config-{os.getpid()}.toml")  # per process: see launch
-        run_config = str(resume_file)
+        run_config = config  # launch writes it into its own folder
     try:
         status, record = launch(
             args.app, run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
@@ -184,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nmoe-run: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if resume_file is not None:
-            resume_file.unlink(missing_ok=True)
     print(f"run {record.get('run-id', '?')}: {status} {record.get('status-details', '')}".rstrip(), flush=True)
     return 0 if status == "finished:completed" else 1
 

@@ -118,7 +118,7 @@ def test_an_override_that_is_not_key_value_pairs_names_itself_and_the_quoting_ru
             merged_run_config(None, [text])
 
 
-def test_a_parsed_config_merges_like_a_preset_without_being_changed(tmp_path):
+def test_a_parsed_config_merges_like_a_preset_without_being_changed():
     """A killed run's recorded config (a mapping) is a preset like a TOML file: overrides win, the mapping stays."""
     from nmoe_flwr.cli.flwr_process import merged_run_config
 

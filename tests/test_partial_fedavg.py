@@ -84,3 +84,30 @@ def test_no_shared_prefixes_means_nothing_travels():
 def test_split_shared_reports_what_it_left_out():
     shared, dropped = split_shared(_arrays(extractor__a=[1], head__b=[2]), ("extractor.",))
     assert list(shared.keys()) == ["extractor.a"] and dropped == ["head.b"]
+
+
+def _average_of_partitions(node_of: dict[int, int], node_order: dict[int, int] | None) -> np.ndarray:
+    """One round in which partition p (on node ``node_of[p]``) returns ``VALUES[p]``; the average."""
+    strategy = PartialFedAvg(["shared."], min_available_nodes=3, node_order=node_order)
+    msgs = list(strategy.configure_train(1, _arrays(shared__w=[0.0]), ConfigRecord(), _Nodes(sorted(node_of.values()))))
+    to = {m.metadata.dst_node_id: m for m in msgs}
+    replies = [Message(RecordDict({"arrays": _arrays(shared__w=[VALUES[p]]),
+                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=to[node])
+               for p, node in node_of.items()]
+    arrays, _ = strategy.aggregate_train(1, reversed(replies))  # arrival order: anything
+    return arrays["shared.w"].numpy()
+
+
+# Float32 sums that depend on their order: (1e8 + 1) - 1e8 = 0 but (1e8 - 1e8) + 1 = 1.
+VALUES = {0: 1e8, 1: 1.0, 2: -1e8}
+
+
+def test_replies_are_summed_in_partition_order_whatever_the_node_ids():
+    """Two Flower runs of one seed draw different node ids for the same partitions; with the partition
+    ids as node_order they average to the same bits (without it, here, they do not)."""
+    run_a = {0: 11, 1: 22, 2: 33}  # partition -> node id
+    run_b = {0: 22, 1: 33, 2: 11}  # by node id: p2, p0, p1, so (-1e8 + 1e8) + 1 instead of (1e8 + 1) - 1e8
+    by_rank = [_average_of_partitions(run, {n: p for p, n in run.items()}) for run in (run_a, run_b)]
+    assert by_rank[0].tobytes() == by_rank[1].tobytes()
+    by_node_id = [_average_of_partitions(run, None) for run in (run_a, run_b)]
+    assert by_node_id[0].tobytes() != by_node_id[1].tobytes()  # the order matters for these values

@@ -353,6 +353,7 @@ def mean_over_clients(
 ) -> dict[str, float]:
     """Unweighted mean over clients of every one of ``keys`` all clients
     report (the paper's "average accuracy and F1"; ``iid-`` keys: on the IID
-    test set)."""
-    rows = list(per_client.values())
+    test set). Summed in client-id order, so the float result does not depend
+    on the order the clients answered in."""
+    rows = [per_client[c] for c in sorted(per_client)]
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}

@@ -170,7 +170,8 @@ class Federation:
         replies = send_to_all(self.grid, nodes, message_type, self.cfg.round_timeout, lost)
         if missing is not None and lost:
             missing.update({self.pids[node]: why for node, why in lost.items()})
-        return {self.pids[node]: reply for node, reply in replies.items()}
+        # In partition order, not arrival order: sums over clients (means, banks) then repeat to the bit.
+        return dict(sorted((self.pids[node], reply) for node, reply in replies.items()))
 
     def absent(self, connected: Sequence[int] | None) -> dict[int, str]:
         """``{partition id: "not connected"}`` of the nodes missing from ``connected``."""

@@ -215,7 +215,7 @@ class ExpertAssignment(FedAvg):
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
         self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round])
+                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round], order=self.node_order)
         # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
         valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
         current = {k: v.numpy() for k, v in self._global.items()}
@@ -270,7 +270,7 @@ class ExpertAssignment(FedAvg):
     ) -> MetricRecord | None:
         """FedAvg's weighted mean of the evaluation metrics, over the valid replies."""
         valid = screen(replies, self.evaluate_problem, what=self.evaluate_message_type, server_round=server_round,
-                       min_replies=self.min_replies)
+                       min_replies=self.min_replies, order=self.node_order)
         common_metrics(valid)
         return super().aggregate_evaluate(server_round, valid)
 

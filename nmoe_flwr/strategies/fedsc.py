@@ -112,7 +112,8 @@ class FedSC(FedAvg):
     sample_seed : int
         Seed of the per-round node sample when ``fraction_train`` < 1.
     node_order : mapping of int to int, optional
-        Stable rank of each node id for that sample, as in
+        Stable rank of each node id for that sample and for the order in
+        which replies are summed, as in
         :class:`~nmoe_flwr.strategies.partial_fedavg.PartialFedAvg`.
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`.
@@ -192,7 +193,7 @@ class FedSC(FedAvg):
         self.missing[server_round] = {}
         valid = screen(replies, self.correlation_problem, what=self.correlation_message_type,
                        server_round=server_round, min_replies=self.min_replies,
-                       sent=self._out, dropped=self.missing[server_round])
+                       sent=self._out, dropped=self.missing[server_round], order=self.node_order)
         fresh = {}
         for reply in valid:
             node = reply.metadata.src_node_id
@@ -211,12 +212,12 @@ class FedSC(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg of the valid replies' weights, in node order (reproducible float sums)."""
+        """FedAvg of the valid replies' weights, in ``node_order`` (reproducible float sums)."""
         if self._sent is None:
             raise RuntimeError("aggregate_train before configure_train: nothing was sent to check the replies against")
         valid = screen(replies, self.train_problem, what=self.train_message_type, server_round=server_round,
                        min_replies=self.min_replies, sent=self._out,
-                       dropped=self.missing.setdefault(server_round, {}))
+                       dropped=self.missing.setdefault(server_round, {}), order=self.node_order)
         common_metrics(valid)
         arrays, metrics = super().aggregate_train(server_round, valid)
         # The int64 BatchNorm counters come back from the average as float64: keep the sent dtypes.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 
 from flwr.serverapp import Grid
@@ -61,6 +61,12 @@ def wait_for_nodes(
     return nodes
 
 
+def rank_key(order: Mapping[int, int] | None) -> Callable[[int], tuple[int, int, int]]:
+    """Sort key of node ids by their stable rank in ``order`` (e.g. partition id); nodes
+    without one come after the ranked ones, by id (all of them, when ``order`` is ``None``)."""
+    return lambda n: (0, order[n], n) if order and n in order else (1, 0, n)
+
+
 def sample_nodes(
     connected: list[int], fraction: float, min_nodes: int, seed: int, server_round: int,
     order: Mapping[int, int] | None = None,
@@ -77,7 +83,7 @@ def sample_nodes(
     size = min(len(connected), max(int(len(connected) * fraction), min_nodes))
     if size >= len(connected):
         return sorted(connected)
-    ranked = sorted(connected, key=lambda n: (0, order[n], n) if order and n in order else (1, 0, n))
+    ranked = sorted(connected, key=rank_key(order))
     return sorted(random.Random(f"nmoe-sample:{seed}:{server_round}").sample(ranked, size))
 
 

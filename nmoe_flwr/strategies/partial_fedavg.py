@@ -94,7 +94,8 @@ class PartialFedAvg(FedAvg):
     node_order : mapping of int to int, optional
         A stable rank of each node id (e.g. its partition id), so the seeded
         sample picks the same clients in every run (node ids are random per
-        run). Default: the draw is over node ids.
+        run) and replies are averaged in the same order (the same float sums).
+        Default: node ids.
     server_momentum : float
         FedAvgM momentum on the shared weights
         (:func:`nmoe_flwr.algorithms.server_momentum.momentum_step`); 0 is FedAvg.
@@ -180,9 +181,9 @@ class PartialFedAvg(FedAvg):
                     reply.content[key] = shared
         self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
-                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round])
+                       min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round], order=self.node_order)
         common_metrics(valid)
-        # Sorted by node (screen): the float sums do not depend on arrival order.
+        # Sorted by node_order's rank (screen): the float sums depend on neither arrival order nor node ids.
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)

@@ -20,6 +20,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.supercore import log
 
+from .nodes import rank_key
+
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 """Expected array entries: name -> (shape, dtype name)."""
 
@@ -134,8 +136,14 @@ def screen(
     min_replies: int = 1,
     sent: Sequence[Message] = (),
     dropped: dict[int, str] | None = None,
+    order: Mapping[int, int] | None = None,
 ) -> list[Message]:
     """The replies that pass ``check``, in node order; a WARNING for every other one.
+
+    The order fixes the float sums of the aggregation that follows, whatever
+    the arrival order. Node ids are drawn anew by every Flower run, so with
+    ``order`` (node id -> a stable rank such as the partition id) the replies
+    are sorted by rank instead and two runs of one seed sum in the same order.
 
     Parameters
     ----------
@@ -148,6 +156,8 @@ def screen(
         nodes that did not answer in time are logged and recorded as
         missing, and SuperLink-written error replies are put on their node
     dropped : filled with ``{node: reason}`` of every reply not used
+    order : stable rank of each node id (:func:`~nmoe_flwr.strategies.nodes.rank_key`);
+        ``None``: by node id
 
     Raises
     ------
@@ -158,7 +168,8 @@ def screen(
     dropped = {} if dropped is None else dropped
     to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     valid = []
-    replies = sorted(replies, key=lambda r: origin(r, to))
+    rank = rank_key(order)
+    replies = sorted(replies, key=lambda r: rank(origin(r, to)))
     for reply in replies:
         node = origin(reply, to)
         reason = f"error reply: {reply.error.reason}" if reply.has_error() else check(reply)

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0; e.g. 0,1,2)")
     parser.add_argument("--slacks", default="1", help="load-cap-slack values for optimal (default 1; e.g. 1,1.5,2)")
     parser.add_argument("--app", type=Path, default=Path("."))
-    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
+    parser.add_argument("--flwr-home", type=Path, help="where launches keep their state: each gets its own FLWR_HOME under <this>/launches/ (default: <app>/.flwr)")
     args = parser.parse_args(argv)
 
     rules = args.rules.split(",")

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="reproduce", help="prefix of the run folders and the summary folder")
     parser.add_argument("--tables-only", action="store_true", help="run nothing; tables from the finished runs")
     parser.add_argument("--app", type=Path, default=Path("."))
-    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
+    parser.add_argument("--flwr-home", type=Path, help="where launches keep their state: each gets its own FLWR_HOME under <this>/launches/ (default: <app>/.flwr)")
     args = parser.parse_args(argv)
 
     base = checked_run_config(parser.prog, args.app, args.run_config, args.set)

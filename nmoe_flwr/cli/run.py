@@ -71,9 +71,10 @@ def launch(
     names the key); ``check_config=False`` leaves that to the ServerApp, as a
     plain ``flwr run`` would.
 
-    Every launch writes its merged config and its SuperLink's database and log
-    into a folder of its own under ``<flwr_home>/launches/``, so launches from
-    one checkout can run side by side; the folder is removed once the run
+    Every launch writes its merged config, its SuperLink's database and log,
+    and its ``FLWR_HOME`` (Flower's config and installed app copy) into a
+    folder of its own under ``<flwr_home>/launches/``, so launches from one
+    checkout can run side by side; the folder is removed once the run
     completed and kept (for its ``superlink.log``) otherwise.
     """
     app = app.resolve()
@@ -93,6 +94,9 @@ def launch(
     (flwr_home / "launches").mkdir(parents=True, exist_ok=True)
     # One folder per launch: two launches sharing a run-config file or a SuperLink database swap configs.
     workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=flwr_home / "launches"))
+    # Flower re-installs the app into $FLWR_HOME/apps/<hash> at every run, removing the old copy first: a launch
+    # sharing FLWR_HOME with a concurrent one could start from a half-written copy ("Cannot find pyproject.toml").
+    env["FLWR_HOME"] = str(workdir / "flwr-home")
     if overrides or isinstance(run_config, Mapping):
         cmd += ["--run-config", str(write_run_config(merged, workdir / "run-config.toml"))]
     elif run_config:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-clients of the run config)")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="client-resources-num-cpus (default 1: one torch thread per client)")
     parser.add_argument("--gpus-per-client", type=float, default=0.0, help="client-resources-num-gpus, e.g. 0.1 to share one GPU by 10 clients")
-    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME (default: <app>/.flwr)")
+    parser.add_argument("--flwr-home", type=Path, help="where launches keep their state: each gets its own FLWR_HOME under <this>/launches/ (default: <app>/.flwr)")
     parser.add_argument("--log-file", type=Path, help="also write the streamed log here")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)

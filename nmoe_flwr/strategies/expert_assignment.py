@@ -216,8 +216,7 @@ class ExpertAssignment(FedAvg):
         self.missing[server_round] = {}
         valid = screen(replies, self.reply_problem, what=self.train_message_type, server_round=server_round,
                        min_replies=self.min_replies, sent=self._out, dropped=self.missing[server_round], order=self.node_order)
-        # Replies arrive in any order; a fixed order makes the float sums (and runs) reproducible.
-        valid.sort(key=lambda r: self.clients[r.metadata.src_node_id])
+        # screen returns them in client-row order (node_order): the float sums (and runs) are reproducible.
         current = {k: v.numpy() for k, v in self._global.items()}
         updates, assigned, shares, gains, seconds, bytes_up = [], {}, {}, {}, {}, {}
         for reply in valid:
